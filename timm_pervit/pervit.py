@@ -1,0 +1,785 @@
+""" PerViT (Peripheral Vision Transformer)
+
+Paper: `Peripheral Vision Transformer` - https://arxiv.org/abs/2206.06801
+    Juhong Min, Yucheng Zhao, Chong Luo, Minsu Cho. NeurIPS 2022.
+
+Official code: https://github.com/juhongm999/pervit
+
+@inproceedings{min2022peripheral,
+  title={Peripheral Vision Transformer},
+  author={Min, Juhong and Zhao, Yucheng and Luo, Chong and Cho, Minsu},
+  booktitle={Advances in Neural Information Processing Systems},
+  year={2022}
+}
+
+A conv stem brings the image to a single token grid at 1/16 resolution, then 12 transformer blocks with
+multi-head peripheral attention (MPA) follow. MPA multiplies the content attention of every head with a learned
+peripheral position attention ``phi_p`` (a function of query-key distance, produced by a small conv network that is
+shared in shape but not in weights across blocks):
+
+    A = L1-normalize_rows(phi_p * exp(q k^T * scale - rowmax)) == softmax(q k^T * scale + log(phi_p))
+
+The second form runs through ``F.scaled_dot_product_attention`` with ``log(phi_p)`` (computed as a log-sigmoid) as
+an additive mask (``fused_attn``); the first, explicit form of the official code stays selectable.
+
+Beyond the official implementation, this one:
+* works at any input size >= 32 px per side: the position grid follows the token grid (see ``PeripheralPosition``);
+* caches the input-independent position attention at inference (keyed on grid, device, dtype and parameter
+  versions, so it can never be stale) and recomputes it with gradients in training;
+* folds the shared distance projection into the first position conv (exact, 4H times cheaper);
+* implements the full timm model API (features, intermediates, grad checkpointing, layer-decay groups, ...).
+
+Written for timm by the timm-pervit authors from the paper and the facts of the official release. Apache-2.0.
+"""
+import logging
+import math
+from typing import Any, Dict, List, Optional, Tuple, Type, Union
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+from timm.layers import DropPath, Mlp, calculate_drop_path_rates, get_device_dtype, trunc_normal_, use_fused_attn
+from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
+from timm.models._features import feature_take_indices
+from timm.models._features_fx import register_notrace_function, register_notrace_module
+from timm.models._manipulate import checkpoint
+
+__all__ = [
+    'PerViT', 'PeripheralPosition', 'PeripheralAttention', 'PerViTBlock', 'checkpoint_filter_fn', 'infer_variant',
+    'PERVIT_VARIANTS', 'HF_HUB_NAMESPACE', 'MIN_INPUT_SIZE',
+]
+
+_logger = logging.getLogger(__name__)
+
+#: The Hugging Face Hub namespace that holds the converted weights (one place for the whole project).
+HF_HUB_NAMESPACE = 'timm-pervit'
+
+#: Smallest accepted input side in pixels: the stem reduces by 16 and the position grid needs >= 2 tokens per axis.
+MIN_INPUT_SIZE = 32
+
+#: Architecture of the released variants: heads, stage widths, stem widths (stage depths are (2, 2, 6, 2)).
+PERVIT_VARIANTS: Dict[str, Dict[str, Any]] = {
+    'pervit_tiny': dict(num_heads=4, embed_dims=(128, 192, 224, 280), stem_dims=(48, 64, 96, 128)),
+    'pervit_small': dict(num_heads=8, embed_dims=(272, 320, 368, 464), stem_dims=(64, 128, 192, 272)),
+    'pervit_medium': dict(num_heads=12, embed_dims=(312, 468, 540, 684), stem_dims=(64, 192, 256, 312)),
+}
+
+
+@register_notrace_function
+def _check_input(x: torch.Tensor, in_chans: int) -> None:
+    """Raise a ValueError that names the problem and the fix for an input PerViT cannot take."""
+    if x.dim() != 4:
+        raise ValueError(
+            f'PerViT expects a 4-D image batch (B, C, H, W), got a tensor of shape {tuple(x.shape)}; '
+            f'add a batch dimension with x.unsqueeze(0) for a single image.')
+    if x.shape[1] != in_chans:
+        raise ValueError(
+            f'PerViT was built for {in_chans} input channels but got {x.shape[1]} (input shape {tuple(x.shape)}); '
+            f'create the model with in_chans={x.shape[1]} or convert the images to {in_chans} channels.')
+    if x.shape[-2] < MIN_INPUT_SIZE or x.shape[-1] < MIN_INPUT_SIZE:
+        raise ValueError(
+            f'PerViT needs images of at least {MIN_INPUT_SIZE}x{MIN_INPUT_SIZE} px (the 1/16 token grid needs two '
+            f'tokens per side), got {x.shape[-2]}x{x.shape[-1]}; resize or pad the input.')
+
+
+class ConvBnReLU(nn.Module):
+    """3x3 stride-2 convolution (with bias) -> BatchNorm2d -> ReLU, one step of the conv stem."""
+
+    def __init__(self, in_chs: int, out_chs: int, device=None, dtype=None):
+        dd = {'device': device, 'dtype': dtype}
+        super().__init__()
+        self.conv = nn.Conv2d(in_chs, out_chs, kernel_size=3, stride=2, padding=1, bias=True, **dd)
+        self.bn = nn.BatchNorm2d(out_chs, **dd)
+        self.act = nn.ReLU(inplace=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.act(self.bn(self.conv(x)))
+
+
+class PositionMlp(nn.Module):
+    """The per-block conv network of the peripheral position encoding.
+
+    Maps the 4H distance features of every query (an image over the (h+4)x(w+4) key grid) to H maps over the inner
+    h x w keys: Conv3x3 valid -> GroupNorm(4H groups) -> ReLU -> Conv3x3 valid -> GroupNorm(H groups) -> sigmoid.
+    """
+
+    def __init__(self, num_heads: int, eps: float = 1e-5, device=None, dtype=None):
+        dd = {'device': device, 'dtype': dtype}
+        super().__init__()
+        hidden = 4 * num_heads
+        self.conv1 = nn.Conv2d(hidden, hidden, kernel_size=3, **dd)
+        self.norm1 = nn.GroupNorm(hidden, hidden, eps=eps, **dd)
+        self.conv2 = nn.Conv2d(hidden, num_heads, kernel_size=3, **dd)
+        self.norm2 = nn.GroupNorm(num_heads, num_heads, eps=eps, **dd)
+
+    def init_weights(self, gate_bias: float, gate_scale: float) -> None:
+        """Peripheral initialization: constant convs, GN2 set so that deeper blocks start out more global."""
+        for conv in (self.conv1, self.conv2):
+            nn.init.constant_(conv.weight, 0.02)
+            nn.init.zeros_(conv.bias)
+        nn.init.ones_(self.norm1.weight)
+        nn.init.zeros_(self.norm1.bias)
+        nn.init.constant_(self.norm2.weight, gate_scale)
+        nn.init.constant_(self.norm2.bias, gate_bias)
+
+    def forward(self, dist: torch.Tensor, proj_weight: torch.Tensor, proj_bias: torch.Tensor) -> torch.Tensor:
+        """Compute ``log(phi_p)``.
+
+        Args:
+            dist: Query-to-key distances, (Nq, 1, h+4, w+4).
+            proj_weight: Weight of the shared ``Linear(1, 4H)`` distance projection, (4H, 1).
+            proj_bias: Its bias, (4H,).
+
+        Returns:
+            Log position attention, (Nq, H, h, w).
+        """
+        # conv1(proj(d)) == conv(d, W . a) + (b1 + W . b): the shared 1 -> 4H projection folds exactly into conv1,
+        # so conv1 runs on the 1-channel distance map instead of the 4H-channel projection.
+        w = torch.einsum('oikl,i->okl', self.conv1.weight, proj_weight[:, 0]).unsqueeze(1)
+        b = self.conv1.bias + torch.einsum('oikl,i->o', self.conv1.weight, proj_bias)
+        x = F.conv2d(dist, w, b)
+        x = F.relu(self.norm1(x))
+        x = self.norm2(self.conv2(x))
+        return F.logsigmoid(x)
+
+
+@register_notrace_module  # reason: caches on grid size and parameter state (Python control flow)
+class PeripheralPosition(nn.Module):
+    """Peripheral position encoding: ``log(phi_p)`` of every block, shape (H, N, N) each, for an h x w token grid.
+
+    Position grid: token centres sit on normalized coordinates ``linspace(-1, 1, n)`` per axis (n = h or w), and the
+    key grid is extended by two positions on each side with the same spacing, so the valid 3x3 convs of each block's
+    ``PositionMlp`` bring it back to h x w. Because coordinates are normalized, the peripheral regions are relative
+    to the image: at 448 px a head covers the same fraction of the image as at 224 px (on a finer grid), and for a
+    non-square input each axis is normalized on its own. At 224 px (14 x 14 tokens) this is the official encoding.
+
+    At inference (eval mode, or with gradients disabled) the result is cached per grid and reused; the cache key holds
+    the grid, device, dtype, autocast state and the identity and version counter of every parameter involved, so a
+    training step, ``load_state_dict``, ``.to()`` or any in-place edit triggers a recompute. In training with grad
+    enabled it is recomputed every call, with gradients. The cache is never saved in the state dict.
+    """
+
+    def __init__(
+            self,
+            num_heads: int,
+            depth: int,
+            pad: int = 2,
+            eps: float = 1e-5,
+            cache_size: int = 4,
+            device=None,
+            dtype=None,
+    ):
+        dd = {'device': device, 'dtype': dtype}
+        super().__init__()
+        self.num_heads = num_heads
+        self.pad = pad
+        self.cache_size = cache_size
+        self.dist_proj = nn.Linear(1, 4 * num_heads, **dd)
+        self.blocks = nn.ModuleList([PositionMlp(num_heads, eps=eps, **dd) for _ in range(depth)])
+        self._cache: Dict[Any, List[torch.Tensor]] = {}
+
+    def init_weights(self) -> None:
+        """Peripheral initialization of the paper (block i of D: GN2 bias linspace(-5, 4), weight linspace(3, .01))."""
+        nn.init.constant_(self.dist_proj.weight, -0.02)
+        nn.init.zeros_(self.dist_proj.bias)
+        depth = len(self.blocks)
+        biases = torch.linspace(-5., 4., depth).tolist()
+        scales = torch.linspace(3., 0.01, depth).tolist()
+        for blk, bias, scale in zip(self.blocks, biases, scales):
+            blk.init_weights(gate_bias=bias, gate_scale=scale)
+
+    def distances(self, h: int, w: int) -> torch.Tensor:
+        """Euclidean distance from every query (inner h x w grid) to every key of the extended grid.
+
+        Returns:
+            Distances of shape (h*w, 1, h+2*pad, w+2*pad), on the device and in the dtype of the parameters.
+        """
+        weight = self.dist_proj.weight
+        p = self.pad
+        axes_q = []
+        axes_k = []
+        for n in (h, w):
+            step = 2. / (n - 1)
+            axes_q.append(torch.linspace(-1., 1., n, device=weight.device, dtype=weight.dtype))
+            axes_k.append(torch.linspace(
+                -1. - p * step, 1. + p * step, n + 2 * p, device=weight.device, dtype=weight.dtype))
+        qy, qx = torch.meshgrid(axes_q[0], axes_q[1], indexing='ij')
+        ky, kx = torch.meshgrid(axes_k[0], axes_k[1], indexing='ij')
+        dy = qy.reshape(-1, 1, 1) - ky.unsqueeze(0)
+        dx = qx.reshape(-1, 1, 1) - kx.unsqueeze(0)
+        return torch.sqrt(dy * dy + dx * dx).unsqueeze(1)
+
+    def compute(self, h: int, w: int, num_blocks: Optional[int] = None) -> List[torch.Tensor]:
+        """Compute ``log(phi_p)`` for the first ``num_blocks`` blocks (all by default), without caching."""
+        num_blocks = len(self.blocks) if num_blocks is None else num_blocks
+        dist = self.distances(h, w)
+        n = h * w
+        out: List[torch.Tensor] = []
+        for i, blk in enumerate(self.blocks):
+            if i >= num_blocks:
+                break
+            y = blk(dist, self.dist_proj.weight, self.dist_proj.bias)  # (N, H, h, w): query, head, key grid
+            out.append(y.reshape(n, self.num_heads, n).transpose(0, 1))
+        return out
+
+    @torch.jit.unused
+    def _cache_key(self, h: int, w: int) -> Optional[Tuple[Any, ...]]:
+        state = []
+        for p in self.parameters():
+            if p.is_inference():
+                return None  # inference tensors carry no version counter: do not cache
+            state.append((id(p), p.data_ptr(), p._version))
+        weight = self.dist_proj.weight
+        dev = weight.device.type
+        autocast = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else None
+        return h, w, weight.device, weight.dtype, autocast, tuple(state)
+
+    @torch.jit.unused
+    def _cached(self, h: int, w: int, num_blocks: int) -> List[torch.Tensor]:
+        key = self._cache_key(h, w)
+        if key is None:
+            return self.compute(h, w, num_blocks)
+        hit = self._cache.get(key)
+        if hit is None or len(hit) < num_blocks:
+            with torch.no_grad():
+                hit = [t.contiguous() for t in self.compute(h, w)]
+            # drop entries of this grid and entries computed from other parameters, then the oldest beyond the size
+            for stale in [k for k in self._cache if k[:2] == (h, w) or k[2:] != key[2:]]:
+                del self._cache[stale]
+            while self._cache and len(self._cache) >= self.cache_size:
+                del self._cache[next(iter(self._cache))]
+            self._cache[key] = hit
+        return hit[:num_blocks]
+
+    def clear_cache(self) -> None:
+        """Drop all cached position attention (it is rebuilt on demand)."""
+        self._cache.clear()
+
+    def forward(self, h: int, w: int, num_blocks: Optional[int] = None) -> List[torch.Tensor]:
+        """Return ``log(phi_p)`` of the first ``num_blocks`` blocks for an h x w token grid, each (H, h*w, h*w)."""
+        if torch.jit.is_scripting():
+            return self.compute(h, w, num_blocks)
+        if torch.compiler.is_compiling() or (self.training and torch.is_grad_enabled()):
+            return self.compute(h, w, num_blocks)
+        return self._cached(h, w, len(self.blocks) if num_blocks is None else num_blocks)
+
+
+class PeripheralAttention(nn.Module):
+    """Multi-head peripheral attention: content attention reweighted by the position attention ``phi_p``."""
+
+    fused_attn: bool
+
+    def __init__(
+            self,
+            dim: int,
+            num_heads: int = 8,
+            qkv_bias: bool = False,
+            proj_drop: float = 0.,
+            device=None,
+            dtype=None,
+    ):
+        dd = {'device': device, 'dtype': dtype}
+        super().__init__()
+        assert dim % num_heads == 0, f'dim {dim} must be divisible by num_heads {num_heads}'
+        self.num_heads = num_heads
+        self.head_dim = dim // num_heads
+        self.scale = self.head_dim ** -0.5
+        self.fused_attn = use_fused_attn()
+        self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias, **dd)
+        self.proj = nn.Linear(dim, dim, **dd)
+        self.proj_drop = nn.Dropout(proj_drop)
+
+    def forward(self, x: torch.Tensor, pos_log: torch.Tensor) -> torch.Tensor:
+        """Attend.
+
+        Args:
+            x: Tokens (B, N, C).
+            pos_log: ``log(phi_p)`` of this block, (H, N, N).
+        """
+        B, N, C = x.shape
+        qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv.unbind(0)
+        if self.fused_attn:
+            x = F.scaled_dot_product_attention(q, k, v, attn_mask=pos_log.to(q.dtype), scale=self.scale)
+        else:
+            # the official formula: L1-normalized phi_p * exp(logits - rowmax), eps 1e-12
+            attn = (q @ k.transpose(-2, -1)) * self.scale
+            attn = torch.exp(attn - attn.amax(dim=-1, keepdim=True)) * torch.exp(pos_log).to(attn.dtype)
+            attn = attn / attn.sum(dim=-1, keepdim=True).clamp_min(1e-12)
+            x = attn @ v
+        x = x.transpose(1, 2).reshape(B, N, C)
+        x = self.proj(x)
+        x = self.proj_drop(x)
+        return x
+
+
+class PerViTBlock(nn.Module):
+    """PerViT block on an NHWC token grid.
+
+    ``x = x + DropPath(MPA(LN1(DWConv(x))))`` (the depthwise conv only feeds the attention branch), then
+    ``x = Shortcut(x) + DropPath(MLP(LN2(x)))`` where the MLP and the shortcut (a Linear when the width changes, at
+    the last block of a stage) output ``out_dim``.
+    """
+
+    def __init__(
+            self,
+            dim: int,
+            out_dim: int,
+            num_heads: int,
+            mlp_ratio: float = 4.,
+            qkv_bias: bool = False,
+            proj_drop: float = 0.,
+            drop_path: float = 0.,
+            act_layer: Type[nn.Module] = nn.GELU,
+            norm_layer: Type[nn.Module] = nn.LayerNorm,
+            norm_eps: float = 1e-6,
+            device=None,
+            dtype=None,
+    ):
+        dd = {'device': device, 'dtype': dtype}
+        super().__init__()
+        self.dwconv = nn.Conv2d(dim, dim, kernel_size=3, padding=1, groups=dim, bias=True, **dd)
+        self.norm1 = norm_layer(dim, eps=norm_eps, **dd)
+        self.attn = PeripheralAttention(dim, num_heads=num_heads, qkv_bias=qkv_bias, proj_drop=proj_drop, **dd)
+        self.drop_path1 = DropPath(drop_path) if drop_path > 0. else nn.Identity()
+        self.norm2 = norm_layer(dim, eps=norm_eps, **dd)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio), out_features=out_dim, act_layer=act_layer, drop=proj_drop, **dd)
+        self.shortcut = nn.Linear(dim, out_dim, **dd) if out_dim != dim else nn.Identity()
+        self.drop_path2 = DropPath(drop_path) if drop_path > 0. else nn.Identity()
+
+    def init_weights(self) -> None:
+        """trunc_normal(.02) for the attention and MLP Linears; LayerNorm (1, 0); convs and shortcut: torch defaults."""
+        for m in (self.attn.qkv, self.attn.proj, self.mlp.fc1, self.mlp.fc2):
+            trunc_normal_(m.weight, std=.02)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        for m in (self.norm1, self.norm2):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+
+    def forward(self, x: torch.Tensor, pos_log: torch.Tensor) -> torch.Tensor:
+        B, H, W, C = x.shape
+        y = self.dwconv(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
+        y = self.attn(self.norm1(y).reshape(B, H * W, C), pos_log).reshape(B, H, W, C)
+        x = x + self.drop_path1(y)
+        x = self.shortcut(x) + self.drop_path2(self.mlp(self.norm2(x)))
+        return x
+
+
+class PerViT(nn.Module):
+    """Peripheral Vision Transformer.
+
+    Conv stem (4x [3x3 s2 conv, BN, ReLU] + 1x1 conv) to a 1/16 token grid, ``sum(depths)`` PerViT blocks in
+    stages whose width changes at the last block of each stage, LayerNorm, average pool, Linear head. Every
+    architecture knob is a constructor argument.
+    """
+
+    def __init__(
+            self,
+            in_chans: int = 3,
+            num_classes: int = 1000,
+            global_pool: str = 'avg',
+            depths: Tuple[int, ...] = (2, 2, 6, 2),
+            embed_dims: Tuple[int, ...] = (128, 192, 224, 280),
+            stem_dims: Tuple[int, ...] = (48, 64, 96, 128),
+            num_heads: int = 4,
+            mlp_ratio: float = 4.,
+            qkv_bias: bool = False,
+            norm_eps: float = 1e-6,
+            pos_norm_eps: float = 1e-5,
+            drop_rate: float = 0.,
+            proj_drop_rate: float = 0.,
+            drop_path_rate: float = 0.,
+            pos_cache_size: int = 4,
+            act_layer: Type[nn.Module] = nn.GELU,
+            norm_layer: Type[nn.Module] = nn.LayerNorm,
+            device=None,
+            dtype=None,
+    ):
+        """
+        Args:
+            in_chans: Number of input image channels.
+            num_classes: Number of classes (0 for no head).
+            global_pool: 'avg' or '' (no pooling: the head then sees the NHWC map).
+            depths: Blocks per stage.
+            embed_dims: Width of every stage.
+            stem_dims: Output widths of the stride-2 stem convs (their number sets the stem stride, 2**len).
+            num_heads: Attention heads (the same in every block).
+            mlp_ratio: MLP hidden width over block width.
+            qkv_bias: Bias in the qkv projection (False in PerViT).
+            norm_eps: LayerNorm epsilon.
+            pos_norm_eps: GroupNorm epsilon of the position encoding.
+            drop_rate: Dropout before the head.
+            proj_drop_rate: Dropout after the attention projection and in the MLP.
+            drop_path_rate: Stochastic depth rate, rising linearly from 0 over the blocks.
+            pos_cache_size: Number of token grids whose position attention is kept at inference.
+            act_layer: MLP activation.
+            norm_layer: Token norm layer.
+            device: Device of the parameters.
+            dtype: Dtype of the parameters.
+        """
+        super().__init__()
+        dd = {'device': device, 'dtype': dtype}
+        assert global_pool in ('', 'avg'), f"global_pool must be 'avg' or '', got {global_pool!r}"
+        assert len(depths) == len(embed_dims), 'need one width per stage'
+        self.num_classes = num_classes
+        self.global_pool = global_pool
+        self.in_chans = in_chans
+        self.num_heads = num_heads
+        self.output_fmt = 'NHWC'
+        self.grad_checkpointing = False
+        self.stem_stride = 2 ** len(stem_dims)
+
+        stem: List[nn.Module] = []
+        prev = in_chans
+        for d in stem_dims:
+            stem.append(ConvBnReLU(prev, d, **dd))
+            prev = d
+        stem.append(nn.Conv2d(prev, embed_dims[0], kernel_size=1, bias=True, **dd))
+        self.stem = nn.Sequential(*stem)
+
+        depth = sum(depths)
+        dims_in: List[int] = []
+        dims_out: List[int] = []
+        for s, (d, dim) in enumerate(zip(depths, embed_dims)):
+            next_dim = embed_dims[s + 1] if s + 1 < len(embed_dims) else dim
+            for j in range(d):
+                dims_in.append(dim)
+                dims_out.append(next_dim if j == d - 1 else dim)
+        dpr = calculate_drop_path_rates(drop_path_rate, depth)
+        self.pos_embed = PeripheralPosition(num_heads, depth, eps=pos_norm_eps, cache_size=pos_cache_size, **dd)
+        self.blocks = nn.ModuleList([
+            PerViTBlock(
+                dims_in[i],
+                dims_out[i],
+                num_heads=num_heads,
+                mlp_ratio=mlp_ratio,
+                qkv_bias=qkv_bias,
+                proj_drop=proj_drop_rate,
+                drop_path=dpr[i],
+                act_layer=act_layer,
+                norm_layer=norm_layer,
+                norm_eps=norm_eps,
+                **dd,
+            )
+            for i in range(depth)
+        ])
+        self.num_features = self.head_hidden_size = dims_out[-1]
+        self.norm = norm_layer(self.num_features, eps=norm_eps, **dd)
+        self.feature_info = [
+            dict(num_chs=dims_out[i], reduction=self.stem_stride, module=f'blocks.{i}') for i in range(depth)]
+        self.head_drop = nn.Dropout(drop_rate)
+        self.head = nn.Linear(self.num_features, num_classes, **dd) if num_classes > 0 else nn.Identity()
+
+        self.init_weights()
+
+    def init_weights(self) -> None:
+        """Peripheral initialization of the paper (see the module docstring of each part)."""
+        self.pos_embed.init_weights()
+        for blk in self.blocks:
+            blk.init_weights()
+        nn.init.ones_(self.norm.weight)
+        nn.init.zeros_(self.norm.bias)
+        if isinstance(self.head, nn.Linear):
+            trunc_normal_(self.head.weight, std=.02)
+            nn.init.zeros_(self.head.bias)
+
+    @torch.jit.ignore
+    def no_weight_decay(self) -> set:
+        """The distance embedding of the position encoding is exempt from weight decay, like a ViT pos_embed."""
+        return {'pos_embed.dist_proj.weight'}
+
+    @torch.jit.ignore
+    def group_matcher(self, coarse: bool = False) -> Dict[str, Any]:
+        """Parameter groups for layer-wise lr decay: stem (+ shared distance projection), one group per block."""
+        return dict(
+            stem=r'^stem|^pos_embed\.dist_proj',
+            blocks=[(r'^blocks\.(\d+)', None), (r'^pos_embed\.blocks\.(\d+)', None), (r'^norm', (99999,))],
+        )
+
+    @torch.jit.ignore
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        self.grad_checkpointing = enable
+
+    @torch.jit.ignore
+    def get_classifier(self) -> nn.Module:
+        return self.head
+
+    def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None) -> None:
+        dd = get_device_dtype(self)
+        self.num_classes = num_classes
+        if global_pool is not None:
+            assert global_pool in ('', 'avg'), f"global_pool must be 'avg' or '', got {global_pool!r}"
+            self.global_pool = global_pool
+        self.head = nn.Linear(self.num_features, num_classes, **dd) if num_classes > 0 else nn.Identity()
+        self.head.train(self.training)
+
+    @torch.jit.ignore
+    def position_attention(self, grid_size: Union[int, Tuple[int, int]] = 14) -> torch.Tensor:
+        """The peripheral position attention ``phi_p`` of every block for a token grid (detached, for analysis).
+
+        Args:
+            grid_size: Token grid (h, w), or one int for a square grid; 224 px input -> 14.
+
+        Returns:
+            Tensor (depth, H, h*w, h*w): ``phi[block, head, query, key]`` in (0, 1).
+        """
+        h, w = (grid_size, grid_size) if isinstance(grid_size, int) else grid_size
+        with torch.no_grad():
+            return torch.stack(self.pos_embed.compute(h, w)).exp()
+
+    def _stem(self, x: torch.Tensor) -> torch.Tensor:
+        _check_input(x, self.in_chans)
+        return self.stem(x).permute(0, 2, 3, 1)  # NHWC token grid
+
+    def forward_intermediates(
+            self,
+            x: torch.Tensor,
+            indices: Optional[Union[int, List[int]]] = None,
+            norm: bool = False,
+            stop_early: bool = False,
+            output_fmt: str = 'NCHW',
+            intermediates_only: bool = False,
+    ) -> Union[List[torch.Tensor], Tuple[torch.Tensor, List[torch.Tensor]]]:
+        """Forward features that returns intermediates.
+
+        Args:
+            x: Input image tensor (B, C, H, W).
+            indices: Take last n blocks if int, all if None, select matching indices if sequence.
+            norm: Apply the final norm to intermediates that have the final width (the last stage's blocks).
+            stop_early: Stop iterating over blocks when last desired intermediate hit.
+            output_fmt: 'NCHW' or 'NHWC' for the intermediates.
+            intermediates_only: Only return intermediate features.
+
+        Returns:
+            The final NHWC feature map (after the final norm) and the list of block outputs, or just the list.
+        """
+        assert output_fmt in ('NCHW', 'NHWC'), 'Output format must be one of NCHW or NHWC.'
+        intermediates = []
+        take_indices, max_index = feature_take_indices(len(self.blocks), indices)
+        x = self._stem(x)
+        last = len(self.blocks) if torch.jit.is_scripting() or not stop_early else max_index + 1
+        pos = self.pos_embed(x.shape[1], x.shape[2], last)
+        for i, blk in enumerate(self.blocks):
+            if i >= last:
+                break
+            x = blk(x, pos[i])
+            if i in take_indices:
+                y = self.norm(x) if norm and x.shape[-1] == self.num_features else x
+                intermediates.append(y.permute(0, 3, 1, 2) if output_fmt == 'NCHW' else y)
+        if intermediates_only:
+            return intermediates
+        x = self.norm(x)
+        return x, intermediates
+
+    def prune_intermediate_layers(
+            self,
+            indices: Union[int, List[int]] = 1,
+            prune_norm: bool = False,
+            prune_head: bool = True,
+    ) -> List[int]:
+        """Prune blocks (and their position encoders) not needed for the intermediates at ``indices``."""
+        take_indices, max_index = feature_take_indices(len(self.blocks), indices)
+        self.blocks = self.blocks[:max_index + 1]
+        self.pos_embed.blocks = self.pos_embed.blocks[:max_index + 1]
+        self.pos_embed.clear_cache()
+        if prune_norm:
+            self.norm = nn.Identity()
+        if prune_head:
+            self.reset_classifier(0, '')
+        return take_indices
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        """Image (B, C, H, W) -> normalized token map (B, H/16, W/16, num_features), NHWC."""
+        x = self._stem(x)
+        pos = self.pos_embed(x.shape[1], x.shape[2])
+        for i, blk in enumerate(self.blocks):
+            if self.grad_checkpointing and not torch.jit.is_scripting():
+                x = checkpoint(blk, x, pos[i])
+            else:
+                x = blk(x, pos[i])
+        x = self.norm(x)
+        return x
+
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        if self.global_pool == 'avg':
+            x = x.mean(dim=(1, 2))
+        x = self.head_drop(x)
+        return x if pre_logits else self.head(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.forward_features(x)
+        x = self.forward_head(x)
+        return x
+
+
+_OFFICIAL_RENAMES = (
+    ('conv_layers.conv1x1.', 'stem.{n_stem}.'),
+    ('rpe_proj.', 'pos_embed.dist_proj.'),
+)
+
+
+def _official_to_timm_key(k: str, n_stem: int) -> Optional[Tuple[str, Optional[int]]]:
+    """Map one official key to (timm key, block index or None)."""
+    if k.startswith('conv_layers.conv_layers.'):
+        i, j, rest = k[len('conv_layers.conv_layers.'):].split('.', 2)
+        return f'stem.{i}.{"conv" if j == "0" else "bn"}.{rest}', None
+    for old, new in _OFFICIAL_RENAMES:
+        if k.startswith(old):
+            return new.format(n_stem=n_stem) + k[len(old):], None
+    if k.startswith('blocks.'):
+        _, i, rest = k.split('.', 2)
+        if rest.startswith('attn.activation.'):
+            rest = rest[len('attn.activation.'):]
+            rest = rest.replace('gn1.', 'norm1.').replace('gn2.', 'norm2.')
+            return f'pos_embed.blocks.{i}.{rest}', int(i)
+        rest = (rest.replace('attn.to_qkv.', 'attn.qkv.')
+                .replace('conv.proj.', 'dwconv.')
+                .replace('res_path.', 'shortcut.'))
+        return f'blocks.{i}.{rest}', int(i)
+    return k, None
+
+
+def _is_official(state_dict: Dict[str, torch.Tensor]) -> bool:
+    return any(k.startswith(('conv_layers.', 'rpe_proj.')) or '.attn.to_qkv.' in k for k in state_dict)
+
+
+def infer_variant(state_dict: Dict[str, torch.Tensor]) -> Optional[str]:
+    """Name the released variant whose architecture matches a (timm-layout or official) state dict, if any."""
+    if _is_official(state_dict):
+        state_dict = convert_official(state_dict)
+    for name, arch in PERVIT_VARIANTS.items():
+        heads = arch['num_heads']
+        dims = arch['embed_dims']
+        if (state_dict.get('pos_embed.dist_proj.weight', torch.empty(0)).shape == (4 * heads, 1)
+                and state_dict.get('blocks.0.attn.qkv.weight', torch.empty(0)).shape == (3 * dims[0], dims[0])
+                and state_dict.get('norm.weight', torch.empty(0)).shape == (dims[-1],)
+                and state_dict.get('stem.0.conv.weight', torch.empty(0)).shape[:1] == (arch['stem_dims'][0],)):
+            return name
+    return None
+
+
+def convert_official(state_dict: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+    """Rename the keys of an official PerViT state dict to this implementation's keys (values untouched)."""
+    n_stem = sum(1 for k in state_dict if k.startswith('conv_layers.conv_layers.') and k.endswith('.0.weight'))
+    out = {}
+    for k, v in state_dict.items():
+        new_k, _ = _official_to_timm_key(k, n_stem)
+        out[new_k] = v
+    return out
+
+
+def checkpoint_filter_fn(state_dict: Dict[str, Any], model: PerViT) -> Dict[str, torch.Tensor]:
+    """Convert an official PerViT checkpoint (or pass through one of this implementation) for ``model``.
+
+    Accepts a bare state dict or a training checkpoint holding it under 'model' / 'state_dict'. Raises a ValueError
+    when the tensors do not fit the model's architecture (a checkpoint of another variant), naming the variant the
+    checkpoint looks like. The stem's first conv and the classifier are not checked: timm adapts them for
+    ``in_chans`` / ``num_classes`` after this filter.
+    """
+    for key in ('model', 'state_dict'):
+        if key in state_dict and isinstance(state_dict[key], dict):
+            state_dict = state_dict[key]
+            break
+    if _is_official(state_dict):
+        state_dict = convert_official(state_dict)
+    state_dict = {k: v for k, v in state_dict.items() if isinstance(v, torch.Tensor)}
+    # BatchNorm counters may be missing from older checkpoints
+    target = model.state_dict()
+    skip = ('stem.0.conv.', 'head.')
+    mismatched = [
+        f'{k}: checkpoint {tuple(v.shape)} vs model {tuple(target[k].shape)}'
+        for k, v in state_dict.items()
+        if k in target and not k.startswith(skip) and v.shape != target[k].shape
+    ]
+    missing_blocks = len(model.blocks) > 0 and f'blocks.{len(model.blocks) - 1}.norm1.weight' not in state_dict
+    if mismatched or missing_blocks:
+        looks_like = infer_variant(state_dict)
+        hint = f'it looks like a {looks_like} checkpoint: create that model instead' if looks_like else \
+            'it matches none of the released variants (pervit_tiny/small/medium)'
+        detail = '; '.join(mismatched[:4]) + (f' (+{len(mismatched) - 4} more)' if len(mismatched) > 4 else '')
+        if missing_blocks:
+            detail = (detail + '; ' if detail else '') + f'it has no weights for block {len(model.blocks) - 1}'
+        raise ValueError(
+            f'PerViT checkpoint does not fit this model ({model.num_heads} heads, width {model.num_features}): '
+            f'{hint}. Mismatch: {detail}')
+    return state_dict
+
+
+def _create_pervit(variant: str, pretrained: bool = False, **kwargs) -> PerViT:
+    depths = kwargs.get('depths', (2, 2, 6, 2))
+    default_out = tuple(int(i) - 1 for i in torch.tensor(depths).cumsum(0).tolist())
+    out_indices = kwargs.pop('out_indices', default_out)
+    return build_model_with_cfg(
+        PerViT,
+        variant,
+        pretrained,
+        pretrained_filter_fn=checkpoint_filter_fn,
+        feature_cfg=dict(out_indices=out_indices, feature_cls='getter'),
+        **kwargs,
+    )
+
+
+_PAPER_NAME = 'Peripheral Vision Transformer'
+_PAPER_RESULTS = {
+    # variant: (ImageNet-1k top-1 @224, params (M), GFLOPs as reported in the paper)
+    'pervit_tiny': (78.8, 7.6, 1.6),
+    'pervit_small': (82.1, 21.0, 4.4),
+    'pervit_medium': (82.9, 44.0, 9.0),
+}
+
+
+def _cfg(url: str = '', **kwargs) -> Dict[str, Any]:
+    return {
+        'url': url,
+        'num_classes': 1000,
+        'input_size': (3, 224, 224),
+        'min_input_size': (3, MIN_INPUT_SIZE, MIN_INPUT_SIZE),
+        'pool_size': (14, 14),
+        'crop_pct': .875,
+        'interpolation': 'bicubic',
+        'fixed_input_size': False,
+        'mean': IMAGENET_DEFAULT_MEAN,
+        'std': IMAGENET_DEFAULT_STD,
+        'first_conv': 'stem.0.conv',
+        'classifier': 'head',
+        'license': 'apache-2.0',
+        'paper_ids': 'arXiv:2206.06801',
+        'paper_name': _PAPER_NAME,
+        'origin_url': 'https://github.com/juhongm999/pervit',
+        **kwargs,
+    }
+
+
+def _in1k_cfg(variant: str) -> Dict[str, Any]:
+    top1, params, gflops = _PAPER_RESULTS[variant]
+    return _cfg(
+        hf_hub_id=f'{HF_HUB_NAMESPACE}/{variant}.in1k',
+        description=(
+            f'{variant} trained on ImageNet-1k at 224 px by the PerViT authors; paper: top-1 {top1}%, '
+            f'{params}M params, {gflops} GFLOPs.'),
+        notes=(f'top1={top1}', 'Weights converted from the official release with timm_pervit.convert.'),
+    )
+
+
+default_cfgs = generate_default_cfgs({f'{name}.in1k': _in1k_cfg(name) for name in PERVIT_VARIANTS})
+
+
+@register_model
+def pervit_tiny(pretrained: bool = False, **kwargs) -> PerViT:
+    """PerViT-T: 4 heads, widths (128, 192, 224, 280), 7.6M params."""
+    return _create_pervit('pervit_tiny', pretrained=pretrained, **dict(PERVIT_VARIANTS['pervit_tiny'], **kwargs))
+
+
+@register_model
+def pervit_small(pretrained: bool = False, **kwargs) -> PerViT:
+    """PerViT-S: 8 heads, widths (272, 320, 368, 464), 21.3M params."""
+    return _create_pervit('pervit_small', pretrained=pretrained, **dict(PERVIT_VARIANTS['pervit_small'], **kwargs))
+
+
+@register_model
+def pervit_medium(pretrained: bool = False, **kwargs) -> PerViT:
+    """PerViT-M: 12 heads, widths (312, 468, 540, 684), 43.7M params."""
+    return _create_pervit('pervit_medium', pretrained=pretrained, **dict(PERVIT_VARIANTS['pervit_medium'], **kwargs))
