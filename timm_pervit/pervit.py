@@ -68,7 +68,7 @@ PERVIT_VARIANTS: Dict[str, Dict[str, Any]] = {
 
 
 @register_notrace_function
-def _check_input(x: torch.Tensor, in_chans: int) -> None:
+def check_input(x: torch.Tensor, in_chans: int) -> None:
     """Raise a ValueError that names the problem and the fix for an input PerViT cannot take."""
     if x.dim() != 4:
         raise ValueError(
@@ -137,8 +137,10 @@ class PositionMlp(nn.Module):
         """
         # conv1(proj(d)) == conv(d, W . a) + (b1 + W . b): the shared 1 -> 4H projection folds exactly into conv1,
         # so conv1 runs on the 1-channel distance map instead of the 4H-channel projection.
+        conv1_bias = self.conv1.bias
+        assert conv1_bias is not None
         w = torch.einsum('oikl,i->okl', self.conv1.weight, proj_weight[:, 0]).unsqueeze(1)
-        b = self.conv1.bias + torch.einsum('oikl,i->o', self.conv1.weight, proj_bias)
+        b = conv1_bias + torch.einsum('oikl,i->o', self.conv1.weight, proj_bias)
         x = F.conv2d(dist, w, b)
         x = F.relu(self.norm1(x))
         x = self.norm2(self.conv2(x))
@@ -160,6 +162,7 @@ class PeripheralPosition(nn.Module):
     training step, ``load_state_dict``, ``.to()`` or any in-place edit triggers a recompute. In training with grad
     enabled it is recomputed every call, with gradients. The cache is never saved in the state dict.
     """
+    __jit_ignored_attributes__ = ['_cache']
 
     def __init__(
             self,
@@ -218,10 +221,9 @@ class PeripheralPosition(nn.Module):
         n = h * w
         out: List[torch.Tensor] = []
         for i, blk in enumerate(self.blocks):
-            if i >= num_blocks:
-                break
-            y = blk(dist, self.dist_proj.weight, self.dist_proj.bias)  # (N, H, h, w): query, head, key grid
-            out.append(y.reshape(n, self.num_heads, n).transpose(0, 1))
+            if i < num_blocks:  # no `break`: TorchScript unrolls ModuleList loops
+                y = blk(dist, self.dist_proj.weight, self.dist_proj.bias)  # (N, H, h, w): query, head, key grid
+                out.append(y.reshape(n, self.num_heads, n).transpose(0, 1))
         return out
 
     @torch.jit.unused
@@ -302,7 +304,9 @@ class PeripheralAttention(nn.Module):
         qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
         q, k, v = qkv.unbind(0)
         if self.fused_attn:
-            x = F.scaled_dot_product_attention(q, k, v, attn_mask=pos_log.to(q.dtype), scale=self.scale)
+            # a 4-D (1, H, N, N) mask: with a 3-D one the CPU dispatcher falls back to the math kernel (5x slower)
+            mask = pos_log.to(q.dtype).unsqueeze(0)
+            x = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.scale)
         else:
             # the official formula: L1-normalized phi_p * exp(logits - rowmax), eps 1e-12
             attn = (q @ k.transpose(-2, -1)) * self.scale
@@ -531,7 +535,8 @@ class PerViT(nn.Module):
             return torch.stack(self.pos_embed.compute(h, w)).exp()
 
     def _stem(self, x: torch.Tensor) -> torch.Tensor:
-        _check_input(x, self.in_chans)
+        if not torch.jit.is_scripting():
+            check_input(x, self.in_chans)
         return self.stem(x).permute(0, 2, 3, 1)  # NHWC token grid
 
     def forward_intermediates(
@@ -563,12 +568,11 @@ class PerViT(nn.Module):
         last = len(self.blocks) if torch.jit.is_scripting() or not stop_early else max_index + 1
         pos = self.pos_embed(x.shape[1], x.shape[2], last)
         for i, blk in enumerate(self.blocks):
-            if i >= last:
-                break
-            x = blk(x, pos[i])
-            if i in take_indices:
-                y = self.norm(x) if norm and x.shape[-1] == self.num_features else x
-                intermediates.append(y.permute(0, 3, 1, 2) if output_fmt == 'NCHW' else y)
+            if i < last:  # no `break`: TorchScript unrolls ModuleList loops
+                x = blk(x, pos[i])
+                if i in take_indices:
+                    y = self.norm(x) if norm and x.shape[-1] == self.num_features else x
+                    intermediates.append(y.permute(0, 3, 1, 2) if output_fmt == 'NCHW' else y)
         if intermediates_only:
             return intermediates
         x = self.norm(x)
