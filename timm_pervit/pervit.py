@@ -589,8 +589,11 @@ class PerViT(nn.Module):
         self.blocks = self.blocks[:max_index + 1]
         self.pos_embed.blocks = self.pos_embed.blocks[:max_index + 1]
         self.pos_embed.clear_cache()
-        if prune_norm:
-            self.norm = nn.Identity()
+        self.feature_info = self.feature_info[:max_index + 1]
+        width = self.feature_info[-1]['num_chs']
+        if prune_norm or width != self.num_features:
+            self.norm = nn.Identity()  # the final norm does not fit a narrower last block
+        self.num_features = self.head_hidden_size = width
         if prune_head:
             self.reset_classifier(0, '')
         return take_indices
@@ -716,14 +719,26 @@ def _create_pervit(variant: str, pretrained: bool = False, **kwargs) -> PerViT:
     depths = kwargs.get('depths', (2, 2, 6, 2))
     default_out = tuple(int(i) - 1 for i in torch.tensor(depths).cumsum(0).tolist())
     out_indices = kwargs.pop('out_indices', default_out)
-    return build_model_with_cfg(
-        PerViT,
-        variant,
-        pretrained,
-        pretrained_filter_fn=checkpoint_filter_fn,
-        feature_cfg=dict(out_indices=out_indices, feature_cls='getter'),
-        **kwargs,
-    )
+    try:
+        return build_model_with_cfg(
+            PerViT,
+            variant,
+            pretrained,
+            pretrained_filter_fn=checkpoint_filter_fn,
+            feature_cfg=dict(out_indices=out_indices, feature_cls='getter'),
+            **kwargs,
+        )
+    except Exception as e:
+        if not pretrained:
+            raise
+        # name what went wrong with the weights (not published, offline without cache, corrupted file, ...) and how
+        # to convert and load the official release instead
+        from .hub import explain_pretrained_error
+        error = explain_pretrained_error(
+            variant, e, kwargs.get('pretrained_cfg'), kwargs.get('pretrained_cfg_overlay'), kwargs.get('cache_dir'))
+        if error is None:
+            raise
+        raise error from e
 
 
 _PAPER_NAME = 'Peripheral Vision Transformer'

@@ -1,0 +1,347 @@
+"""The PerViT variants as timm models: registration, configs, sizes, and the checks timm applies to its own models."""
+import math
+
+import pytest
+import timm
+import timm.optim
+import torch
+import torch.nn as nn
+from torch.utils.flop_counter import FlopCounterMode
+
+from timm_pervit.flops import count_gmacs
+
+import timm_pervit
+from timm_pervit import PerViT
+
+from .conftest import make_micro
+
+VARIANTS = ['pervit_tiny', 'pervit_small', 'pervit_medium']
+PARAMS = {'pervit_tiny': 7_591_000, 'pervit_small': 21_317_672, 'pervit_medium': 43_723_936}
+GMACS = {'pervit_tiny': 1.745, 'pervit_small': 4.750, 'pervit_medium': 9.441}
+
+
+def test_registered_with_timm():
+    assert timm.list_models('pervit*') == sorted(VARIANTS)
+    assert timm.list_pretrained('pervit*') == sorted(f'{v}.in1k' for v in VARIANTS)
+    for name in VARIANTS:
+        assert timm.is_model(name)
+
+
+@pytest.mark.parametrize('name', VARIANTS)
+def test_variant_param_count_and_gmacs(name):
+    model = timm.create_model(name).eval()
+    assert sum(p.numel() for p in model.parameters()) == PARAMS[name]
+    assert round(count_gmacs(model, (3, 224, 224)), 3) == GMACS[name]
+
+
+def test_gmacs_count_the_attention_matmuls():
+    """The CPU flash-attention kernel is counted: fused and explicit attention give the same count."""
+    model = make_micro()
+    fused = count_gmacs(model, (3, 64, 64))
+    for blk in model.blocks:
+        blk.attn.fused_attn = False
+    explicit = count_gmacs(model, (3, 64, 64))
+    attn_macs = sum(2 * 16 * 16 * b.attn.qkv.in_features for b in model.blocks) / 1e9  # q.k^T and attn.v
+    with torch.no_grad(), FlopCounterMode(display=False) as plain:
+        model(torch.randn(1, 3, 64, 64))
+    assert fused == pytest.approx(explicit, rel=1e-9)
+    assert plain.get_total_flops() / 2e9 == pytest.approx(explicit, rel=1e-9)
+    assert attn_macs > 0 and fused - attn_macs > 0
+
+
+@pytest.mark.parametrize('name', VARIANTS)
+def test_pretrained_cfg(name):
+    cfg = timm.create_model(name).pretrained_cfg
+    assert cfg['input_size'] == (3, 224, 224)
+    assert cfg['crop_pct'] == 0.875
+    assert cfg['interpolation'] == 'bicubic'
+    assert cfg['mean'] == timm.data.IMAGENET_DEFAULT_MEAN and cfg['std'] == timm.data.IMAGENET_DEFAULT_STD
+    assert cfg['pool_size'] == (14, 14)
+    assert cfg['first_conv'] == 'stem.0.conv' and cfg['classifier'] == 'head'
+    assert cfg['tag'] == 'in1k' and cfg['hf_hub_id'] == f'{timm_pervit.HF_HUB_NAMESPACE}/{name}.in1k'
+
+
+# --- the checks of timm's tests/test_models.py, for a standard spatial model ---------------------------------------
+
+@pytest.mark.parametrize('name', VARIANTS)
+def test_model_forward(name):
+    model = timm.create_model(name).eval()
+    with torch.no_grad():
+        out = model(torch.randn(2, *model.pretrained_cfg['input_size']))
+    assert out.shape == (2, model.num_classes) and not torch.isnan(out).any()
+
+
+@pytest.mark.parametrize('name', VARIANTS)
+def test_model_backward(name):
+    model = timm.create_model(name, num_classes=42).train()
+    num_params = sum(p.numel() for p in model.parameters())
+    out = model(torch.randn(2, 3, 128, 128))
+    out.mean().backward()
+    for n, p in model.named_parameters():
+        assert p.grad is not None, f'No gradient for {n}'
+    assert out.shape[-1] == 42
+    assert num_params == sum(p.grad.numel() for p in model.parameters())
+
+
+@pytest.mark.parametrize('name', VARIANTS)
+def test_model_default_cfgs(name):
+    model = timm.create_model(name).eval()
+    cfg = model.pretrained_cfg
+    assert model.num_classes >= 0 and model.num_features > 0 and model.head_hidden_size > 0
+    assert model.output_fmt == 'NHWC'
+    x = torch.randn(2, *cfg['input_size'])
+    with torch.no_grad():
+        feats = model.forward_features(x)
+        pre = model.forward_head(feats, pre_logits=True)
+        assert feats.shape == (2, *cfg['pool_size'], model.num_features)
+        assert pre.shape == (2, model.head_hidden_size)
+        model.reset_classifier(0)
+        out = model(x)
+        assert out.shape == pre.shape
+        torch.testing.assert_close(out, pre)
+        model.reset_classifier(0, '')
+        out = model(x)
+        assert out.shape == (2, *cfg['pool_size'], model.num_features)
+    state_dict = model.state_dict()
+    assert cfg['first_conv'] + '.weight' in state_dict
+    classifier = timm.create_model(name).state_dict()
+    assert cfg['classifier'] + '.weight' in classifier and cfg['classifier'] + '.bias' in classifier
+
+
+@pytest.mark.parametrize('name', VARIANTS)
+def test_model_features_only(name):
+    model = timm.create_model(name, features_only=True).eval()
+    channels = model.feature_info.channels()
+    reductions = model.feature_info.reduction()
+    arch = timm_pervit.PERVIT_VARIANTS[name]['embed_dims']
+    assert channels == [arch[1], arch[2], arch[3], arch[3]]  # block outputs at the stage ends (1, 3, 9, 11)
+    assert reductions == [16] * 4
+    with torch.no_grad():
+        outs = model(torch.randn(2, 3, 96, 96))
+    assert len(outs) == 4
+    for c, r, o in zip(channels, reductions, outs):
+        assert o.shape == (2, c, math.ceil(96 / r), math.ceil(96 / r)) and not torch.isnan(o).any()
+
+
+def test_features_only_out_indices_and_values_match_forward_intermediates():
+    model = timm.create_model('pervit_tiny').eval()
+    feat = timm.create_model('pervit_tiny', features_only=True, out_indices=(0, 5, 11)).eval()
+    feat.model.load_state_dict(model.state_dict(), strict=False)  # the getter wraps the pruned model
+    x = torch.randn(1, 3, 64, 80)
+    with torch.no_grad():
+        outs = feat(x)
+        ref = model.forward_intermediates(x, indices=[0, 5, 11], intermediates_only=True)
+    assert [o.shape[1] for o in outs] == [128, 224, 280]
+    for o, r in zip(outs, ref):
+        torch.testing.assert_close(o, r)
+
+
+def test_forward_intermediates():
+    model = make_micro().eval()
+    assert len(model.feature_info) == 12
+    x = torch.randn(2, 3, 64, 48)
+    with torch.no_grad():
+        final, inter = model.forward_intermediates(x)
+        assert len(inter) == 12
+        assert [t.shape[1] for t in inter] == [f['num_chs'] for f in model.feature_info]
+        assert all(t.shape[2:] == (4, 3) for t in inter)
+        torch.testing.assert_close(final, model.forward_features(x))
+        torch.testing.assert_close(model.forward_head(final), model(x))
+        last2 = model.forward_intermediates(x, indices=2, output_fmt='NHWC', intermediates_only=True)
+        torch.testing.assert_close(last2[1], inter[-1].permute(0, 2, 3, 1))
+        normed = model.forward_intermediates(x, indices=[11], norm=True, intermediates_only=True)
+        torch.testing.assert_close(normed[0].permute(0, 2, 3, 1), final)
+        early = model.forward_intermediates(x, indices=[3], stop_early=True, intermediates_only=True)
+        torch.testing.assert_close(early[0], inter[3])
+
+
+def test_prune_intermediate_layers():
+    model = make_micro().eval()
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        ref = model.forward_intermediates(x, indices=[1, 3], intermediates_only=True)
+    kept = model.prune_intermediate_layers([1, 3])
+    assert kept == [1, 3]
+    assert len(model.blocks) == 4 and len(model.pos_embed.blocks) == 4
+    assert isinstance(model.head, nn.Identity)
+    with torch.no_grad():
+        out = model.forward_intermediates(x, indices=[1, 3], intermediates_only=True)
+        pooled = model(x)
+    for a, b in zip(out, ref):
+        torch.testing.assert_close(a, b)
+    assert pooled.dim() == 4  # head pruned with pooling disabled: the spatial map
+
+
+@pytest.mark.slow
+def test_torchscript():
+    with timm.layers.set_layer_config(scriptable=True):
+        model = timm.create_model('pervit_tiny').eval()
+    x = torch.randn(2, 3, 128, 128)
+    scripted = torch.jit.script(model)
+    with torch.no_grad():
+        torch.testing.assert_close(scripted(x), model(x))
+
+
+@pytest.mark.parametrize('train', [False, True], ids=['eval', 'train'])
+def test_fx_feature_extraction(train):
+    from torchvision.models.feature_extraction import create_feature_extractor, get_graph_node_names
+    from timm.models._features_fx import get_notrace_functions, get_notrace_modules
+    tracer_kwargs = dict(
+        leaf_modules=get_notrace_modules(), autowrap_functions=get_notrace_functions(), param_shapes_constant=True)
+    model = make_micro().train(train)
+    train_nodes, eval_nodes = get_graph_node_names(model, tracer_kwargs=tracer_kwargs)
+    model.train(train)  # get_graph_node_names toggles the mode
+    fx_model = create_feature_extractor(
+        model, train_return_nodes=[train_nodes[-1]], eval_return_nodes=[eval_nodes[-1]], tracer_kwargs=tracer_kwargs)
+    x = torch.randn(2, 3, 64, 64)
+    torch.manual_seed(1)
+    out = list(fx_model(x).values())[0]
+    torch.manual_seed(1)
+    ref = model(x)
+    torch.testing.assert_close(out, ref)
+    if train:
+        out.mean().backward()
+        assert all(p.grad is not None for p in fx_model.parameters())
+
+
+@pytest.mark.slow
+def test_torch_compile_fullgraph():
+    model = make_micro().eval()
+    x = torch.randn(2, 3, 64, 96)
+    compiled = torch.compile(model, fullgraph=True)
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(x), model(x), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.slow
+def test_torch_export():
+    model = make_micro().eval()
+    x = torch.randn(2, 3, 64, 96)
+    exported = torch.export.export(model, (x,))
+    with torch.no_grad():
+        torch.testing.assert_close(exported.module()(x), model(x))
+
+
+# --- the rest of the timm API ----------------------------------------------------------------------------------------
+
+def test_head_api_and_pooling():
+    model = make_micro().eval()
+    assert model.get_classifier() is model.head and model.head.out_features == 10
+    model.reset_classifier(5)
+    assert model.num_classes == 5 and model(torch.randn(1, 3, 32, 32)).shape == (1, 5)
+    model.reset_classifier(0, '')
+    assert model.global_pool == '' and model(torch.randn(1, 3, 32, 48)).shape == (1, 2, 3, 40)
+    with pytest.raises(AssertionError, match='global_pool'):
+        model.reset_classifier(0, 'token')
+    headless = timm.create_model('pervit_tiny', num_classes=0)
+    assert isinstance(headless.head, nn.Identity) and headless(torch.randn(1, 3, 64, 64)).shape == (1, 280)
+
+
+def test_in_chans_and_input_errors():
+    model = make_micro(in_chans=1).eval()
+    assert model(torch.randn(1, 1, 40, 72)).shape == (1, 10)
+    with pytest.raises(ValueError, match=r'built for 1 input channels but got 3.*in_chans=3'):
+        model(torch.randn(1, 3, 64, 64))
+    with pytest.raises(ValueError, match=r'at least 32x32 px.*got 31x64'):
+        model(torch.randn(1, 1, 31, 64))
+    with pytest.raises(ValueError, match='4-D image batch'):
+        model(torch.randn(1, 64, 64))
+
+
+@pytest.mark.parametrize('size', [(32, 32), (33, 47), (64, 160), (224, 96)])
+def test_any_input_size(size):
+    model = make_micro().eval()
+    with torch.no_grad():
+        feats = model.forward_features(torch.randn(1, 3, *size))
+    assert feats.shape[1:3] == tuple(math.ceil(s / 16) for s in size)
+
+
+def test_drop_rates_and_drop_path_schedule():
+    model = make_micro(drop_rate=0.3, proj_drop_rate=0.1, drop_path_rate=0.2)
+    rates = [getattr(b.drop_path1, 'drop_prob', 0.) for b in model.blocks]
+    assert rates == pytest.approx(torch.linspace(0, 0.2, 12).tolist())
+    assert model.head_drop.p == 0.3 and model.blocks[0].attn.proj_drop.p == 0.1
+    model.train()
+    x = torch.randn(2, 3, 32, 32)
+    assert not torch.equal(model(x), model(x))  # stochastic in training
+    model.eval()
+    with torch.no_grad():
+        assert torch.equal(model(x), model(x))
+
+
+def test_peripheral_initialization():
+    model = make_micro()
+    pos = model.pos_embed
+    assert torch.all(pos.dist_proj.weight == -0.02) and torch.all(pos.dist_proj.bias == 0)
+    for i, blk in enumerate(pos.blocks):
+        assert torch.all(blk.conv1.weight == 0.02) and torch.all(blk.conv2.weight == 0.02)
+        assert torch.all(blk.conv1.bias == 0) and torch.all(blk.conv2.bias == 0)
+        assert torch.all(blk.norm1.weight == 1) and torch.all(blk.norm1.bias == 0)
+        assert blk.norm2.bias[0].item() == pytest.approx(torch.linspace(-5, 4, 12)[i].item())
+        assert blk.norm2.weight[0].item() == pytest.approx(torch.linspace(3, 0.01, 12)[i].item())
+    big = timm.create_model('pervit_small')
+    qkv = torch.cat([b.attn.qkv.weight.flatten() for b in big.blocks])
+    assert qkv.std().item() == pytest.approx(0.02, rel=0.15) and qkv.mean().abs() < 1e-3
+    assert torch.all(big.blocks[0].mlp.fc1.bias == 0) and torch.all(big.norm.weight == 1)
+    # deeper blocks start out more global: the initial position attention spreads further
+    phi = model.position_attention(6)
+    dist = model.pos_embed.distances(6, 6)[:, 0, 2:-2, 2:-2].reshape(36, 36)
+    spread = [((p * dist).sum(-1) / p.sum(-1)).mean().item() for p in phi]
+    assert spread[-1] > spread[0]
+
+
+def test_grad_checkpointing_identical():
+    model = make_micro(dtype=torch.float64).train()
+    x = torch.randn(2, 3, 48, 48, dtype=torch.float64)
+    out = model(x)
+    out.sum().backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad()
+    model.set_grad_checkpointing(True)
+    out2 = model(x)
+    out2.sum().backward()
+    torch.testing.assert_close(out2, out, rtol=0, atol=0)
+    for n, p in model.named_parameters():
+        torch.testing.assert_close(p.grad, grads[n], rtol=0, atol=1e-12)
+
+
+def test_group_matcher_and_no_weight_decay():
+    from timm.models import group_parameters
+    model = make_micro()
+    groups = group_parameters(model, model.group_matcher())
+    names = [n for n, _ in model.named_parameters()]
+    assert sorted(sum(groups.values(), [])) == sorted(names)  # every parameter in a group
+    group_of = {n: g for g, ns in groups.items() for n in ns}
+    for i in range(12):  # a block and its position encoder share one layer-decay group
+        assert group_of[f'blocks.{i}.attn.qkv.weight'] == group_of[f'pos_embed.blocks.{i}.conv2.weight']
+    assert group_of['stem.0.conv.weight'] == group_of['pos_embed.dist_proj.weight'] == 0
+    assert 0 < group_of['blocks.0.norm1.weight'] < group_of['blocks.11.norm1.weight'] <= group_of['norm.weight']
+    nwd = model.no_weight_decay()
+    assert nwd and nwd <= set(names)
+    opt = timm.optim.create_optimizer_v2(model, 'adamw', lr=1e-3, weight_decay=0.05, layer_decay=0.75)
+    assert len(opt.param_groups) > 12
+
+
+def test_device_dtype_factory_kwargs():
+    model = timm.create_model('pervit_tiny', device='meta', dtype=torch.bfloat16)
+    tensors = list(model.parameters()) + list(model.buffers())
+    assert all(t.device.type == 'meta' for t in tensors)
+    assert all(p.dtype == torch.bfloat16 for p in model.parameters())
+    model = make_micro(dtype=torch.float64)
+    assert all(p.dtype == torch.float64 for p in model.parameters())
+    assert model(torch.randn(1, 3, 32, 32, dtype=torch.float64)).dtype == torch.float64
+
+
+@pytest.mark.parametrize('dtype', [torch.bfloat16, torch.float16])
+def test_low_precision_and_autocast(dtype):
+    model = make_micro().eval()
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        ref = model(x)
+        with torch.autocast('cpu', dtype=dtype):
+            amp = model(x)
+        low = model.to(dtype)(x.to(dtype))
+    assert amp.dtype == dtype and low.dtype == dtype
+    tol = 0.05 if dtype == torch.bfloat16 else 0.01
+    torch.testing.assert_close(amp.float(), ref, rtol=0, atol=tol)
+    torch.testing.assert_close(low.float(), ref, rtol=0, atol=tol)

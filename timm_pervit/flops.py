@@ -1,0 +1,56 @@
+"""Counting PerViT's multiply-accumulates with ``torch.utils.flop_counter``.
+
+``FlopCounterMode`` has formulas for the CUDA attention kernels but not for the CPU flash kernel that
+``F.scaled_dot_product_attention`` dispatches to on CPU, so the attention matmuls would silently go uncounted there.
+``count_gmacs`` maps that kernel (forward and backward) to torch's own SDPA formulas, locally to one counting run.
+"""
+from typing import Dict, Tuple
+
+import torch
+import torch.nn as nn
+from torch.utils import flop_counter
+
+__all__ = ['flop_counter_mode', 'count_gmacs']
+
+
+def _sdpa_cpu_formulas() -> Dict:
+    mapping = {}
+    aten = torch.ops.aten
+    if hasattr(aten, '_scaled_dot_product_flash_attention_for_cpu'):
+        def _forward(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:
+            return flop_counter.sdpa_flop_count(query_shape, key_shape, value_shape)
+        mapping[aten._scaled_dot_product_flash_attention_for_cpu] = _forward
+    if hasattr(aten, '_scaled_dot_product_flash_attention_for_cpu_backward'):
+        def _backward(grad_out_shape, query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:
+            return flop_counter.sdpa_backward_flop_count(grad_out_shape, query_shape, key_shape, value_shape)
+        mapping[aten._scaled_dot_product_flash_attention_for_cpu_backward] = _backward
+    return mapping
+
+
+def flop_counter_mode(**kwargs) -> flop_counter.FlopCounterMode:
+    """A ``FlopCounterMode`` that also counts the CPU flash-attention kernel (kwargs go to FlopCounterMode)."""
+    kwargs.setdefault('display', False)
+    custom = dict(_sdpa_cpu_formulas())
+    custom.update(kwargs.pop('custom_mapping', None) or {})
+    return flop_counter.FlopCounterMode(custom_mapping=custom, **kwargs)
+
+
+def count_gmacs(model: nn.Module, input_size: Tuple[int, int, int] = (3, 224, 224), batch_size: int = 1) -> float:
+    """GMACs per image of an inference forward (eval mode, the position attention cached as in deployment).
+
+    Args:
+        model: The model; it is put in eval mode.
+        input_size: (C, H, W) of one image.
+        batch_size: Images per forward (the result is divided by it).
+
+    Returns:
+        Multiply-accumulates per image, in units of 1e9 (attention matmuls included).
+    """
+    model.eval()
+    param = next(model.parameters())
+    x = torch.randn(batch_size, *input_size, device=param.device, dtype=param.dtype)
+    with torch.no_grad():
+        model(x)  # build the cached position attention first: it is not per-image work
+        with flop_counter_mode() as counter:
+            model(x)
+    return counter.get_total_flops() / 2 / batch_size / 1e9
