@@ -160,7 +160,9 @@ class PeripheralPosition(nn.Module):
     At inference (eval mode, or with gradients disabled) the result is cached per grid and reused; the cache key holds
     the grid, device, dtype, autocast state and the identity and version counter of every parameter involved, so a
     training step, ``load_state_dict``, ``.to()`` or any in-place edit triggers a recompute. In training with grad
-    enabled it is recomputed every call, with gradients. The cache is never saved in the state dict.
+    enabled it is recomputed every call, with gradients. In eval mode the cached position attention is a constant:
+    gradients still reach the input and all other parameters, but not the position encoder (fine-tune it in train
+    mode). The cache is never saved in the state dict.
     """
     __jit_ignored_attributes__ = ['_cache']
 
@@ -235,8 +237,12 @@ class PeripheralPosition(nn.Module):
             state.append((id(p), p.data_ptr(), p._version))
         weight = self.dist_proj.weight
         dev = weight.device.type
-        autocast = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else None
-        return h, w, weight.device, weight.dtype, autocast, tuple(state)
+        try:
+            autocast = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else None
+        except RuntimeError:  # device types without autocast support (e.g. meta)
+            autocast = None
+        # entries made under inference_mode are inference tensors: reuse them only there
+        return h, w, weight.device, weight.dtype, autocast, torch.is_inference_mode_enabled(), tuple(state)
 
     @torch.jit.unused
     def _cached(self, h: int, w: int, num_blocks: int) -> List[torch.Tensor]:
@@ -247,8 +253,8 @@ class PeripheralPosition(nn.Module):
         if hit is None or len(hit) < num_blocks:
             with torch.no_grad():
                 hit = [t.contiguous() for t in self.compute(h, w)]
-            # drop entries of this grid and entries computed from other parameters, then the oldest beyond the size
-            for stale in [k for k in self._cache if k[:2] == (h, w) or k[2:] != key[2:]]:
+            # drop entries computed from other parameter values (stale), then the oldest beyond the size
+            for stale in [k for k in self._cache if k[-1] != key[-1]]:
                 del self._cache[stale]
             while self._cache and len(self._cache) >= self.cache_size:
                 del self._cache[next(iter(self._cache))]
