@@ -11,7 +11,6 @@ from torch.utils.flop_counter import FlopCounterMode
 from timm_pervit.flops import count_gmacs
 
 import timm_pervit
-from timm_pervit import PerViT
 
 from .conftest import make_micro
 

@@ -23,7 +23,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         prog='python -m timm_pervit',
         description='PerViT for timm. Run `python -m timm_pervit <command> --help` for the options of a command.',
     )
-    parser.add_argument('command', choices=sorted(COMMANDS), help='; '.join(f'{k}: {v[1]}' for k, v in COMMANDS.items()))
+    parser.add_argument(
+        'command', choices=sorted(COMMANDS), help='; '.join(f'{k}: {v[1]}' for k, v in COMMANDS.items()))
     if not argv or argv[0] in ('-h', '--help'):
         parser.print_help()
         return 0 if argv else 2

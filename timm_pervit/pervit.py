@@ -32,7 +32,6 @@ Beyond the official implementation, this one:
 Written for timm by the timm-pervit authors from the paper and the facts of the official release. Apache-2.0.
 """
 import logging
-import math
 from typing import Any, Dict, List, Optional, Tuple, Type, Union
 
 import torch
