@@ -27,3 +27,92 @@ def make_micro(**kwargs):
     """A micro PerViT with the given overrides."""
     from timm_pervit import PerViT
     return PerViT(**dict(MICRO_KWARGS, **kwargs))
+
+
+# ---- pretrained weights / loopback hub (tests/test_convert.py, tests/test_hub.py) --------------------------------
+class PervitOfficialCheckpoint:
+    """A fake official pervit_tiny release: random (perturbed) weights in the official key layout, saved like the
+    official training checkpoints ({'model', 'optimizer', 'epoch', 'model_ema', 'args': argparse.Namespace})."""
+
+    def __init__(self, path, source_state_dict, official_state_dict):
+        self.path = path
+        self.source_state_dict = source_state_dict  # timm layout, what the converted weights must equal
+        self.official_state_dict = official_state_dict
+
+
+@pytest.fixture(scope='session')
+def pervit_tiny_official(tmp_path_factory):
+    import argparse
+    import timm
+    from timm_pervit.convert import to_official
+    gen = torch.Generator().manual_seed(1234)
+    model = timm.create_model('pervit_tiny')
+    with torch.no_grad():
+        for t in model.state_dict().values():  # move every parameter and BN buffer off its initial value
+            if t.is_floating_point():
+                t.add_(torch.randn(t.shape, generator=gen) * 0.02)
+    source = {k: v.clone() for k, v in model.state_dict().items()}
+    official = to_official(source)
+    path = tmp_path_factory.mktemp('official') / 'pervit_tiny_official.pth'
+    torch.save({
+        'model': official,
+        'optimizer': {'state': {}, 'param_groups': [{'lr': 1e-5, 'params': [0, 1]}]},
+        'lr_scheduler': {'last_epoch': 299},
+        'epoch': 299,
+        'model_ema': None,
+        'args': argparse.Namespace(model='pervit_tiny', lr=1e-3, batch_size=128, epochs=300),
+    }, path)
+    return PervitOfficialCheckpoint(path, source, official)
+
+
+@pytest.fixture(scope='session')
+def pervit_hub_root(tmp_path_factory, pervit_tiny_official):
+    """A hub folder tree `<root>/timm-pervit/pervit_tiny.in1k/` written by the converter (verified).
+
+    Returns (root, ConversionResult)."""
+    from timm_pervit import HF_HUB_NAMESPACE
+    from timm_pervit.convert import convert_checkpoint
+    root = tmp_path_factory.mktemp('hub')
+    result = convert_checkpoint(
+        pervit_tiny_official.path, root / HF_HUB_NAMESPACE / 'pervit_tiny.in1k', verify=True)
+    return root, result
+
+
+@pytest.fixture
+def pervit_loopback_hub(pervit_hub_root):
+    """A running loopback hub (tests/hub_server.py) serving the converted pervit_tiny repo."""
+    from .hub_server import LoopbackHub
+    with LoopbackHub(pervit_hub_root[0]) as hub:
+        yield hub
+
+
+@pytest.fixture
+def pervit_hf_env(monkeypatch, tmp_path):
+    """Point huggingface_hub at a loopback endpoint with a fresh cache, in this process and for subprocesses.
+
+    huggingface_hub reads HF_ENDPOINT / HF_HUB_CACHE / HF_HUB_OFFLINE / HF_HOME once at import, so the module
+    constants are patched as well as the environment. Call the returned function with the endpoint URL (and
+    offline=True for HF_HUB_OFFLINE=1); it returns the cache directory.
+    """
+    from huggingface_hub import constants
+
+    home = tmp_path / 'hf_home'
+    cache = tmp_path / 'hf_cache'
+
+    def point(endpoint: str, offline: bool = False):
+        for k, v in dict(HF_ENDPOINT=endpoint, HF_HUB_CACHE=str(cache), HF_HOME=str(home),
+                         HF_HUB_OFFLINE='1' if offline else '0', NO_PROXY='127.0.0.1,localhost',
+                         no_proxy='127.0.0.1,localhost').items():
+            monkeypatch.setenv(k, v)
+        monkeypatch.delenv('HF_TOKEN', raising=False)
+        monkeypatch.setattr(constants, 'ENDPOINT', endpoint)
+        template = endpoint + '/{repo_id}/resolve/{revision}/{filename}'
+        monkeypatch.setattr(constants, 'HUGGINGFACE_CO_URL_TEMPLATE', template)
+        monkeypatch.setattr(constants, 'HF_HUB_CACHE', str(cache))
+        monkeypatch.setattr(constants, 'HF_HUB_OFFLINE', offline)
+        monkeypatch.setattr(constants, 'HF_HOME', str(home))
+        monkeypatch.setattr(constants, 'HF_TOKEN_PATH', str(home / 'token'))
+        monkeypatch.setattr(constants, 'AGENT_HARNESSES_PATH', str(home / '.agent_harnesses.json'))
+        return cache
+
+    return point

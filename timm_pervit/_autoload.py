@@ -1,0 +1,149 @@
+"""Zero-config registration: make ``pervit_*`` known to timm in every Python process that imports timm.
+
+timm's own scripts (train.py, validate.py, benchmark.py) only ``import timm`` and call ``timm.create_model(name)``,
+so the models must be registered without anyone importing ``timm_pervit``. The installation therefore ships two
+files at the top of site-packages (both regular and editable installs, written by the build step in ``setup.py``):
+
+* ``timm_pervit-autoload.pth``: one line, ``import _timm_pervit_autoload; _timm_pervit_autoload.install()``,
+  run by Python's ``site`` module at interpreter start-up;
+* ``_timm_pervit_autoload.py``: a copy of this module (stdlib only, so it can run before anything else).
+
+``install()`` only appends a tiny finder to ``sys.meta_path``: nothing is imported at start-up (not torch, not
+timm, not even ``logging``), so an interpreter that never uses timm pays only for reading this file. When ``timm``
+is imported for the first time, the finder lets the regular machinery find and execute it, then imports
+``timm_pervit`` (which registers the models) and removes itself. ``import timm_pervit`` stays the explicit way and
+is idempotent: it is a plain module import, so nothing is registered twice.
+
+Failures never break the interpreter: anything raised by the hook (a broken or half-removed installation, an
+incompatible timm) is logged as a warning on the ``timm_pervit`` logger and ``import timm`` carries on without the
+PerViT models.
+
+Opt out by setting the environment variable ``TIMM_PERVIT_NO_AUTOLOAD=1`` (also ``true``/``yes``/``on``) before
+Python starts; ``import timm_pervit`` then registers the models explicitly.
+"""
+import os
+import sys
+
+TYPE_CHECKING = False  # `typing` is not imported at start-up: annotations below are strings
+if TYPE_CHECKING:
+    from typing import Any, Optional, Sequence
+
+__all__ = ['ENV_OPT_OUT', 'TRIGGER', 'PACKAGE', 'PTH_NAME', 'PTH_LINE', 'HOOK_MODULE', 'install', 'is_disabled']
+
+#: Environment variable that disables the automatic registration when set to 1/true/yes/on.
+ENV_OPT_OUT = 'TIMM_PERVIT_NO_AUTOLOAD'
+
+#: The module whose first import triggers the registration.
+TRIGGER = 'timm'
+
+#: The package imported to register the models.
+PACKAGE = 'timm_pervit'
+
+#: Name of the start-up file placed in site-packages.
+PTH_NAME = 'timm_pervit-autoload.pth'
+
+#: Name under which a copy of this module is placed at the top of site-packages.
+HOOK_MODULE = '_timm_pervit_autoload'
+
+#: The single line of the start-up file (``site`` executes lines that start with ``import``).
+PTH_LINE = f'import {HOOK_MODULE}; {HOOK_MODULE}.install()\n'
+
+
+def is_disabled() -> bool:
+    """True when the user opted out of the automatic registration through ``TIMM_PERVIT_NO_AUTOLOAD``."""
+    return os.environ.get(ENV_OPT_OUT, '').strip().lower() in ('1', 'true', 'yes', 'on')
+
+
+def _warn(message: str) -> None:
+    """Log a warning on the package logger (``logging`` is imported only on this rare path)."""
+    try:
+        import logging
+        logging.getLogger(PACKAGE).warning(message, exc_info=True)
+    except Exception:  # never let the report itself break the interpreter
+        pass
+
+
+def _register() -> None:
+    """Import the package so that its ``@register_model`` functions run; log and continue on any failure."""
+    if PACKAGE in sys.modules:  # explicitly imported already (it is importing timm right now), nothing to do
+        return
+    try:
+        __import__(PACKAGE)
+    except Exception as e:
+        _warn(
+            f'{PACKAGE}: registering the PerViT models with timm at import failed ({type(e).__name__}: {e}); '
+            f'timm works without them. Run `import {PACKAGE}` to see the error, reinstall timm-pervit to fix it, or '
+            f'set {ENV_OPT_OUT}=1 to turn the automatic registration off.')
+
+
+class _RegisteringLoader:
+    """Wraps the real loader of ``timm``: executes the module, restores the real loader, then registers PerViT."""
+
+    def __init__(self, loader: 'Any'):
+        self._loader = loader
+
+    def __getattr__(self, name: str) -> 'Any':
+        return getattr(self._loader, name)
+
+    def create_module(self, spec: 'Any') -> 'Any':
+        return self._loader.create_module(spec)
+
+    def exec_module(self, module: 'Any') -> None:
+        try:
+            self._loader.exec_module(module)  # errors of timm itself propagate untouched
+        finally:
+            try:
+                module.__loader__ = self._loader
+                if getattr(module, '__spec__', None) is not None:
+                    module.__spec__.loader = self._loader
+            except Exception:
+                pass
+        _register()
+
+
+class _TimmImportFinder:
+    """``sys.meta_path`` finder that only answers for the first import of ``timm``, then removes itself."""
+
+    def find_spec(
+            self, fullname: str, path: 'Optional[Sequence[str]]' = None, target: 'Any' = None) -> 'Any':
+        if fullname != TRIGGER:
+            return None
+        try:
+            self.uninstall()  # one shot; keeps the lookup below and timm_pervit's own `import timm` from recursing
+            if PACKAGE in sys.modules:
+                return None
+            import importlib.util  # only now, on the first import of timm
+            spec = importlib.util.find_spec(fullname)  # the regular lookup (editable-install finders, sys.path)
+            if spec is None or spec.loader is None or not hasattr(spec.loader, 'exec_module'):
+                return None  # let the import system report timm as missing, as usual
+            spec.loader = _RegisteringLoader(spec.loader)
+            return spec
+        except Exception:
+            _warn(f'{PACKAGE}: the automatic registration hook failed; importing timm without the PerViT models.')
+            return None
+
+    def uninstall(self) -> None:
+        """Remove every instance of this finder from ``sys.meta_path``."""
+        sys.meta_path[:] = [f for f in sys.meta_path if type(f).__name__ != type(self).__name__]
+
+
+def install() -> bool:
+    """Arrange for ``timm_pervit`` to be imported right after ``timm`` (called at start-up by the ``.pth`` file).
+
+    Returns:
+        True when the hook is in place (or no longer needed because timm is already imported and the models are
+        registered now), False when disabled through ``TIMM_PERVIT_NO_AUTOLOAD`` or when it could not be installed.
+        Never raises.
+    """
+    try:
+        if is_disabled():
+            return False
+        if TRIGGER in sys.modules:  # timm is already there (installed late, e.g. from a running session)
+            _register()
+            return True
+        if not any(type(f).__name__ == _TimmImportFinder.__name__ for f in sys.meta_path):
+            sys.meta_path.insert(0, _TimmImportFinder())
+        return True
+    except Exception:
+        _warn(f'{PACKAGE}: could not install the automatic registration hook.')
+        return False

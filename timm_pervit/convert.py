@@ -1,0 +1,399 @@
+""" Convert the official PerViT release to hub-ready timm weights, verify and publish them
+
+```bash
+python -m timm_pervit.convert pervit_tiny.pth --verify                     # -> ./pervit_tiny.in1k/
+python -m timm_pervit.convert pervit_tiny.pth --verify --push-to-hub timm-pervit/pervit_tiny.in1k
+```
+
+The input is an official PerViT checkpoint as released (``{'model': state_dict, 'optimizer': ..., 'epoch': ...,
+'model_ema': ..., 'args': argparse.Namespace}``), a bare state dict (official or timm key layout) or a safetensors
+file. It is loaded with ``weights_only=True`` (only tensors, containers and ``argparse.Namespace`` are accepted, so
+no pickled code ever runs), the variant is taken from ``--variant`` or inferred from the tensor shapes, the weights
+are converted with ``checkpoint_filter_fn`` and loaded strictly into the timm model. The output folder holds
+``model.safetensors`` + ``config.json`` (timm's ``save_for_hf``) and a ``README.md`` model card; it is written to a
+temporary folder and moved into place only when everything (including ``--verify``) succeeded.
+
+``--verify`` reloads the written folder through ``timm.create_model('local-dir:...', pretrained=True)`` (fused
+attention) and compares its logits with the original checkpoint run through the official attention formula
+(``fused_attn=False`` in every block, weights from the raw official dict).
+
+Written for timm by the timm-pervit authors. Apache-2.0.
+"""
+import argparse
+import logging
+import os
+import pickle
+import shutil
+import sys
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Union
+
+import torch
+
+import timm
+from timm.models import clean_state_dict, save_for_hf
+
+from .hub import model_card
+from .pervit import HF_HUB_NAMESPACE, PERVIT_VARIANTS, checkpoint_filter_fn, infer_variant
+
+__all__ = [
+    'ConversionResult', 'load_checkpoint', 'to_official', 'convert_checkpoint', 'verify_folder', 'count_gmacs',
+    'push_folder', 'main',
+]
+
+_logger = logging.getLogger(__name__)
+
+PathLike = Union[str, os.PathLike]
+
+
+@dataclass
+class ConversionResult:
+    """What ``convert_checkpoint`` produced."""
+    variant: str
+    output_dir: Path
+    num_params: int
+    num_classes: int
+    gmacs: Optional[float] = None
+    max_abs_diff: Optional[float] = None
+    repo_url: Optional[str] = None
+
+    def summary(self) -> str:
+        diff = f'{self.max_abs_diff:.3e}' if self.max_abs_diff is not None else 'not verified (use --verify)'
+        gmacs = f'{self.gmacs:.3f}' if self.gmacs is not None else 'n/a'
+        line = (f'variant={self.variant} params={self.num_params:,} gmacs={gmacs} max_logit_diff={diff} '
+                f'output={self.output_dir}')
+        return line + (f' published={self.repo_url}' if self.repo_url else '')
+
+
+def load_checkpoint(path: PathLike) -> Dict[str, torch.Tensor]:
+    """Load the state dict of an official PerViT checkpoint (or any PerViT state dict file) safely.
+
+    Args:
+        path: A ``.pth``/``.pt``/``.bin`` torch file (training checkpoint with the weights under 'model',
+            'state_dict' or 'model_ema', or a bare state dict) or a ``.safetensors`` file.
+
+    Returns:
+        The tensors of the state dict (non-tensor entries dropped, 'module.' prefixes removed).
+
+    Raises:
+        FileNotFoundError: ``path`` does not exist.
+        ValueError: The file needs pickled objects other than tensors/containers/argparse.Namespace (never loaded:
+            no pickled code runs), cannot be read, or holds no tensors.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f'Checkpoint not found: {path}')
+    if path.suffix == '.safetensors':
+        import safetensors.torch
+        try:
+            checkpoint: Any = safetensors.torch.load_file(str(path), device='cpu')
+        except Exception as e:
+            raise ValueError(f'Cannot read {path} as safetensors ({e}); the file is truncated or not safetensors.')
+    else:
+        try:
+            with torch.serialization.safe_globals([argparse.Namespace]):
+                checkpoint = torch.load(str(path), map_location='cpu', weights_only=True)
+        except pickle.UnpicklingError as e:
+            unsafe = ''
+            try:
+                unsafe = ', '.join(torch.serialization.get_unsafe_globals_in_checkpoint(str(path)))
+            except Exception:
+                pass
+            raise ValueError(
+                f'Refused to load {path}: it contains pickled objects that are not plain tensors or containers'
+                f'{f" ({unsafe})" if unsafe else ""}, and loading them could run arbitrary code. An official PerViT '
+                f'checkpoint only holds tensors, numbers and an argparse.Namespace, so this file is not one (or was '
+                f'modified). Only if you fully trust it, re-save its state dict with torch.save(sd, ...) from a '
+                f'trusted session and convert that.') from e
+        except (RuntimeError, EOFError) as e:
+            raise ValueError(f'Cannot read {path} as a torch checkpoint ({e}); the file is truncated or corrupted.')
+    return _state_dict_of(checkpoint, str(path))
+
+
+def _state_dict_of(checkpoint: Any, name: str) -> Dict[str, torch.Tensor]:
+    """The tensors of a training checkpoint ('model' / 'state_dict' / 'model_ema') or of a bare state dict."""
+    if isinstance(checkpoint, dict):
+        for key in ('model', 'state_dict', 'model_ema'):
+            if isinstance(checkpoint.get(key), dict):
+                checkpoint = checkpoint[key]
+                break
+    if not isinstance(checkpoint, dict):
+        raise ValueError(f'{name} holds a {type(checkpoint).__name__}, not a state dict or a training checkpoint.')
+    state_dict = {k: v for k, v in clean_state_dict(checkpoint).items() if isinstance(v, torch.Tensor)}
+    if not state_dict:
+        raise ValueError(f'{name} holds no tensors: expected a PerViT state dict or {{"model": state_dict, ...}}.')
+    return state_dict
+
+
+def to_official(state_dict: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+    """Rename the keys of a timm_pervit state dict to the official PerViT layout (inverse of ``convert_official``).
+
+    Useful to run converted weights with the official code, or to build official-layout test checkpoints.
+    """
+    n_stem = max(int(k.split('.')[1]) for k in state_dict if k.startswith('stem.'))  # index of the final 1x1 conv
+    out = {}
+    for k, v in state_dict.items():
+        parts = k.split('.')
+        if parts[0] == 'stem':
+            i = int(parts[1])
+            if i == n_stem:
+                new = 'conv_layers.conv1x1.' + '.'.join(parts[2:])
+            else:
+                j = '0' if parts[2] == 'conv' else '1'
+                new = f'conv_layers.conv_layers.{i}.{j}.' + '.'.join(parts[3:])
+        elif k.startswith('pos_embed.dist_proj.'):
+            new = 'rpe_proj.' + k[len('pos_embed.dist_proj.'):]
+        elif k.startswith('pos_embed.blocks.'):
+            i, rest = parts[2], '.'.join(parts[3:])
+            rest = rest.replace('norm1.', 'gn1.').replace('norm2.', 'gn2.')
+            new = f'blocks.{i}.attn.activation.{rest}'
+        elif parts[0] == 'blocks':
+            i, rest = parts[1], '.'.join(parts[2:])
+            rest = (rest.replace('attn.qkv.', 'attn.to_qkv.')
+                    .replace('dwconv.', 'conv.proj.')
+                    .replace('shortcut.', 'res_path.'))
+            new = f'blocks.{i}.{rest}'
+        else:
+            new = k
+        out[new] = v
+    return out
+
+
+def count_gmacs(variant: str, img_size: int = 224, **kwargs: Any) -> float:
+    """Multiply-accumulates (G) of one inference forward of ``variant`` at ``img_size`` (``torch.utils.flop_counter``).
+
+    Counted on the meta device (shapes only, no compute). The input-independent position attention is computed and
+    cached by a first pass and not counted; the attention runs through the explicit formula so that its matmuls are
+    counted whatever SDPA kernel would be used.
+    """
+    from torch.utils.flop_counter import FlopCounterMode
+    model = _empty_model(variant, **kwargs).eval()
+    for blk in model.blocks:
+        blk.attn.fused_attn = False
+    x = torch.zeros(1, model.in_chans, img_size, img_size, device='meta')
+    counter = FlopCounterMode(display=False)
+    with torch.no_grad():
+        model(x)  # fills the position attention cache
+        with counter:
+            model(x)
+    return counter.get_total_flops() / 2 / 1e9
+
+
+def _empty_model(variant: str, **kwargs: Any) -> torch.nn.Module:
+    """The timm model without its (slow, immediately overwritten) random init: parameters on the meta device."""
+    return timm.create_model(variant, device='meta', **kwargs)
+
+
+def _load_strict(model: torch.nn.Module, state_dict: Dict[str, torch.Tensor]) -> torch.nn.Module:
+    """Load a state dict (converted by ``checkpoint_filter_fn``) strictly into a meta-device model, as float32."""
+    state_dict = {
+        k: (v.float() if v.is_floating_point() else v).contiguous()
+        for k, v in checkpoint_filter_fn(state_dict, model).items()}
+    model.load_state_dict(state_dict, strict=True, assign=True)
+    return model
+
+
+def _reference_logits(state_dict: Dict[str, torch.Tensor], variant: str, num_classes: int,
+                      x: torch.Tensor) -> torch.Tensor:
+    """Logits of the raw (official) state dict through the explicit official attention formula."""
+    ref = _load_strict(_empty_model(variant, num_classes=num_classes), state_dict)
+    for blk in ref.blocks:
+        blk.attn.fused_attn = False
+    with torch.no_grad():
+        return ref.eval()(x)
+
+
+def verify_folder(
+        folder: PathLike,
+        state_dict: Dict[str, torch.Tensor],
+        variant: str,
+        batch_size: int = 2,
+        img_size: int = 224,
+        seed: int = 0,
+) -> float:
+    """Max abs logit difference between a converted folder (loaded by timm, fused attention) and the original
+    checkpoint run through the official formula, on seeded random images."""
+    x = torch.randn(batch_size, 3, img_size, img_size, generator=torch.Generator().manual_seed(seed))
+    model = timm.create_model(f'local-dir:{Path(folder).resolve()}', pretrained=True).eval()
+    with torch.no_grad():
+        out = model(x)
+    ref = _reference_logits(state_dict, variant, model.num_classes, x)
+    return (out.double() - ref.double()).abs().max().item()
+
+
+def _get_token(token: Optional[str]) -> str:
+    from huggingface_hub import get_token
+    token = token or get_token()
+    if not token:
+        raise RuntimeError(
+            'No Hugging Face token found, so nothing can be published: run `hf auth login` (or set the HF_TOKEN '
+            'environment variable) with a token that has write access to the target namespace, then retry.')
+    return token
+
+
+def push_folder(
+        folder: PathLike,
+        repo_id: str,
+        token: Optional[str] = None,
+        private: bool = False,
+        commit_message: str = 'Add PerViT weights converted from the official release',
+) -> str:
+    """Publish a converted folder to the Hugging Face Hub (creates the model repo if needed).
+
+    Returns:
+        The URL of the commit.
+
+    Raises:
+        RuntimeError: No token (``hf auth login`` / ``HF_TOKEN``).
+    """
+    from huggingface_hub import HfApi
+    api = HfApi(token=_get_token(token), library_name='timm', library_version=timm.__version__)
+    repo_id = api.create_repo(repo_id, private=private, exist_ok=True).repo_id
+    info = api.upload_folder(repo_id=repo_id, folder_path=str(folder), commit_message=commit_message)
+    return str(getattr(info, 'commit_url', info))
+
+
+def convert_checkpoint(
+        checkpoint: Union[PathLike, Dict[str, torch.Tensor]],
+        output_dir: Optional[PathLike] = None,
+        variant: Optional[str] = None,
+        verify: bool = False,
+        tolerance: float = 1e-4,
+        overwrite: bool = False,
+        push_to_hub: Optional[str] = None,
+        token: Optional[str] = None,
+        private: bool = False,
+) -> ConversionResult:
+    """Convert an official PerViT checkpoint into a hub-ready folder, optionally verify and publish it.
+
+    Args:
+        checkpoint: Path of the checkpoint (see ``load_checkpoint``) or an already loaded checkpoint / state dict.
+        output_dir: Output folder (default: ``./<variant>.in1k``). Must not exist or be empty unless ``overwrite``.
+        variant: 'pervit_tiny', 'pervit_small' or 'pervit_medium'; inferred from the tensor shapes if None.
+        verify: Compare the written folder's logits with the official formula on the original weights.
+        tolerance: Largest accepted max abs logit difference for ``verify``.
+        overwrite: Replace an existing non-empty ``output_dir``.
+        push_to_hub: Hub repo id to publish the folder to, e.g. 'timm-pervit/pervit_tiny.in1k'.
+        token: Hub token (default: ``HF_TOKEN`` / ``hf auth login``).
+        private: Create the hub repo as private.
+
+    Returns:
+        A ``ConversionResult`` (its ``summary()`` is the CLI's summary line).
+
+    Raises:
+        ValueError: Unknown variant, shapes that fit no / another variant (naming the look-alike and the
+            mismatching keys), verification above ``tolerance``, unsafe or unreadable checkpoint.
+        FileExistsError: ``output_dir`` is not empty and ``overwrite`` is False.
+    """
+    if push_to_hub:
+        token = _get_token(token)  # fail before the work, not after it
+    if isinstance(checkpoint, dict):
+        state_dict = _state_dict_of(checkpoint, 'the checkpoint')
+    else:
+        _logger.info(f'Loading {checkpoint} (weights_only=True)')
+        state_dict = load_checkpoint(checkpoint)
+    if variant is None:
+        variant = infer_variant(state_dict)
+        if variant is None:
+            shapes = {k: tuple(state_dict[k].shape) for k in ('rpe_proj.weight', 'pos_embed.dist_proj.weight',
+                                                               'norm.weight') if k in state_dict}
+            raise ValueError(
+                f'Cannot infer the PerViT variant: the checkpoint matches none of {sorted(PERVIT_VARIANTS)} '
+                f'(shapes {shapes}). Pass --variant if it is one of them, or check the file.')
+        _logger.info(f'Inferred variant {variant} from the tensor shapes')
+    elif variant not in PERVIT_VARIANTS:
+        raise ValueError(f'Unknown variant {variant!r}; choose one of {sorted(PERVIT_VARIANTS)}.')
+    output_dir = Path(output_dir if output_dir is not None else f'{variant}.in1k')
+    if output_dir.exists() and any(output_dir.iterdir()) and not overwrite:
+        raise FileExistsError(f'Output folder {output_dir} is not empty; choose another one or pass --overwrite.')
+
+    head = state_dict.get('head.weight')
+    num_classes = head.shape[0] if head is not None else 1000
+    _logger.info(f'Converting to the timm layout and loading strictly into {variant}')
+    model = _load_strict(_empty_model(variant, num_classes=num_classes), state_dict).eval()
+    num_params = sum(p.numel() for p in model.parameters())
+    gmacs = count_gmacs(variant, num_classes=num_classes)
+
+    output_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp_dir = output_dir.parent / f'.{output_dir.name}.{uuid.uuid4().hex[:8]}.partial'
+    tmp_dir.mkdir()
+    try:
+        _logger.info(f'Writing model.safetensors, config.json and README.md to {tmp_dir}')
+        save_for_hf(model, tmp_dir, safe_serialization=True)
+        # safetensors writes the weights owner-only; give them the permissions of the other files
+        os.chmod(tmp_dir / 'model.safetensors', (tmp_dir / 'config.json').stat().st_mode & 0o777)
+        max_abs_diff = None
+        if verify:
+            _logger.info('Verifying the written folder against the official formula')
+            max_abs_diff = verify_folder(tmp_dir, state_dict, variant)
+            if not max_abs_diff <= tolerance:
+                raise ValueError(
+                    f'Verification failed: the converted {variant} logits differ from the official checkpoint by '
+                    f'{max_abs_diff:.3e} > {tolerance:g}; nothing was written.')
+        card = model_card(variant, num_params, gmacs=gmacs, repo_id=push_to_hub, max_abs_diff=max_abs_diff,
+                          num_classes=num_classes)
+        (tmp_dir / 'README.md').write_text(card, encoding='utf-8')
+        if output_dir.exists():
+            shutil.rmtree(output_dir)
+        os.replace(tmp_dir, output_dir)
+    finally:
+        shutil.rmtree(tmp_dir, ignore_errors=True)
+    result = ConversionResult(variant, output_dir, num_params, num_classes, gmacs=gmacs, max_abs_diff=max_abs_diff)
+    if push_to_hub:
+        default_repo = f'{HF_HUB_NAMESPACE}/{variant}.in1k'
+        if push_to_hub != default_repo:
+            _logger.warning(f"{push_to_hub} is not {default_repo}, where create_model('{variant}', pretrained=True) "
+                            f"looks; load it with create_model('hf-hub:{push_to_hub}', pretrained=True).")
+        _logger.info(f'Publishing {output_dir} to {push_to_hub}')
+        result.repo_url = push_folder(output_dir, push_to_hub, token=token, private=private)
+    return result
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog='pervit-convert',
+        description='Convert an official PerViT checkpoint to a hub-ready timm folder (model.safetensors, '
+                    'config.json, README.md), optionally verify it and publish it to the Hugging Face Hub.')
+    parser.add_argument('checkpoint', help='official checkpoint (.pth with "model", or a bare state dict; '
+                                           'or .safetensors)')
+    parser.add_argument('--variant', choices=sorted(PERVIT_VARIANTS), default=None,
+                        help='model variant (default: inferred from the tensor shapes)')
+    parser.add_argument('-o', '--output', default=None, help='output folder (default: ./<variant>.in1k)')
+    parser.add_argument('--verify', action='store_true',
+                        help='compare the converted logits with the official formula on the original weights')
+    parser.add_argument('--tolerance', type=float, default=1e-4, help='max abs logit difference for --verify')
+    parser.add_argument('--overwrite', action='store_true', help='replace a non-empty output folder')
+    parser.add_argument('--push-to-hub', metavar='REPO_ID', default=None,
+                        help=f'publish the folder to this hub repo, e.g. {HF_HUB_NAMESPACE}/pervit_tiny.in1k '
+                             '(token from HF_TOKEN or `hf auth login`)')
+    parser.add_argument('--private', action='store_true', help='create the hub repo as private')
+    parser.add_argument('-q', '--quiet', action='store_true', help='only print the summary line')
+    return parser
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    """Command line entry point (``pervit-convert`` / ``python -m timm_pervit convert``)."""
+    args = _parser().parse_args(argv)
+    logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format='%(message)s')
+    try:
+        result = convert_checkpoint(
+            args.checkpoint,
+            output_dir=args.output,
+            variant=args.variant,
+            verify=args.verify,
+            tolerance=args.tolerance,
+            overwrite=args.overwrite,
+            push_to_hub=args.push_to_hub,
+            private=args.private,
+        )
+    except (ValueError, FileNotFoundError, FileExistsError, RuntimeError) as e:
+        print(f'pervit-convert: error: {e}', file=sys.stderr)
+        return 1
+    print(result.summary())
+    return 0
+
+
+if __name__ == '__main__':
+    sys.exit(main())
