@@ -6,6 +6,12 @@ import torch
 
 os.environ.setdefault('HF_HUB_DISABLE_TELEMETRY', '1')
 
+if os.environ.get('PYTEST_XDIST_WORKER'):
+    # pytest -n 2 on 2 cores: one intra-op thread per worker (and per subprocess it starts) avoids oversubscription,
+    # which makes torch's CPU kernels many times slower
+    os.environ['OMP_NUM_THREADS'] = '1'
+    torch.set_num_threads(1)
+
 #: A micro PerViT (same architecture as the fixture's): cheap enough for every feature test.
 MICRO_KWARGS = dict(num_classes=10, embed_dims=(16, 24, 32, 40), stem_dims=(8, 8, 16, 16), num_heads=2)
 
