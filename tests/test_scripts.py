@@ -62,6 +62,15 @@ def test_create_model_with_train_py_arguments():
     assert bf16.eval()(torch.randn(1, 3, 32, 32, dtype=torch.bfloat16)).dtype == torch.bfloat16
 
 
+def test_bn_momentum_and_eps_options():
+    """train.py --bn-momentum / --bn-eps reach the stem's BatchNorms (the only BatchNorms of PerViT)."""
+    model = train_py_create_model('pervit_tiny', bn_momentum=0.01, bn_eps=1e-3, model_kwargs=MICRO)
+    bns = [m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    assert len(bns) == 4 and all(m.momentum == 0.01 and m.eps == 1e-3 for m in bns)
+    default = train_py_create_model('pervit_tiny', model_kwargs=MICRO)
+    assert all(m.momentum == 0.1 and m.eps == 1e-5 for m in default.modules() if isinstance(m, torch.nn.BatchNorm2d))
+
+
 def test_model_kwargs_option():
     """train.py's `--model-kwargs key=value ...` (timm's ParseKwargs) reaches the PerViT constructor."""
     parser = argparse.ArgumentParser()

@@ -86,11 +86,11 @@ def check_input(x: torch.Tensor, in_chans: int) -> None:
 class ConvBnReLU(nn.Module):
     """3x3 stride-2 convolution (with bias) -> BatchNorm2d -> ReLU, one step of the conv stem."""
 
-    def __init__(self, in_chs: int, out_chs: int, device=None, dtype=None):
+    def __init__(self, in_chs: int, out_chs: int, bn_kwargs: Optional[Dict[str, float]] = None, device=None, dtype=None):
         dd = {'device': device, 'dtype': dtype}
         super().__init__()
         self.conv = nn.Conv2d(in_chs, out_chs, kernel_size=3, stride=2, padding=1, bias=True, **dd)
-        self.bn = nn.BatchNorm2d(out_chs, **dd)
+        self.bn = nn.BatchNorm2d(out_chs, **(bn_kwargs or {}), **dd)
         self.act = nn.ReLU(inplace=True)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -311,7 +311,17 @@ class PeripheralAttention(nn.Module):
         if self.fused_attn:
             # a 4-D (1, H, N, N) mask: with a 3-D one the CPU dispatcher falls back to the math kernel (5x slower)
             mask = pos_log.to(q.dtype).unsqueeze(0)
-            x = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.scale)
+            recompute = False
+            if not torch.jit.is_scripting():
+                recompute = torch.is_grad_enabled() and not torch.fx._symbolic_trace.is_fx_symbolic_tracing() \
+                    and mask.requires_grad and q.device.type != 'cuda'
+            if recompute and not torch.jit.is_scripting():
+                # the mask needs a gradient, which off CUDA sends SDPA to its math kernel: that would keep the
+                # (B, H, N, N) attention of every block for backward; recompute it there instead, one block at a time
+                x = torch.utils.checkpoint.checkpoint(
+                    F.scaled_dot_product_attention, q, k, v, mask, use_reentrant=False, scale=self.scale)
+            else:
+                x = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.scale)
         else:
             # the official formula: L1-normalized phi_p * exp(logits - rowmax), eps 1e-12
             attn = (q @ k.transpose(-2, -1)) * self.scale
@@ -402,6 +412,8 @@ class PerViT(nn.Module):
             proj_drop_rate: float = 0.,
             drop_path_rate: float = 0.,
             pos_cache_size: int = 4,
+            bn_momentum: Optional[float] = None,
+            bn_eps: Optional[float] = None,
             act_layer: Type[nn.Module] = nn.GELU,
             norm_layer: Type[nn.Module] = nn.LayerNorm,
             device=None,
@@ -424,6 +436,8 @@ class PerViT(nn.Module):
             proj_drop_rate: Dropout after the attention projection and in the MLP.
             drop_path_rate: Stochastic depth rate, rising linearly from 0 over the blocks.
             pos_cache_size: Number of token grids whose position attention is kept at inference.
+            bn_momentum: Momentum of the stem's BatchNorms (torch default 0.1 if None; train.py's --bn-momentum).
+            bn_eps: Epsilon of the stem's BatchNorms (torch default 1e-5 if None; train.py's --bn-eps).
             act_layer: MLP activation.
             norm_layer: Token norm layer.
             device: Device of the parameters.
@@ -443,8 +457,9 @@ class PerViT(nn.Module):
 
         stem: List[nn.Module] = []
         prev = in_chans
+        bn_kwargs = {k: v for k, v in (('momentum', bn_momentum), ('eps', bn_eps)) if v is not None}
         for d in stem_dims:
-            stem.append(ConvBnReLU(prev, d, **dd))
+            stem.append(ConvBnReLU(prev, d, bn_kwargs=bn_kwargs, **dd))
             prev = d
         stem.append(nn.Conv2d(prev, embed_dims[0], kernel_size=1, bias=True, **dd))
         self.stem = nn.Sequential(*stem)

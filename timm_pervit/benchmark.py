@@ -1,0 +1,578 @@
+""" Speed and memory benchmark of PerViT against the explicit official formulation
+
+``python -m timm_pervit.benchmark`` (also ``pervit-benchmark`` and ``python -m timm_pervit benchmark``) times the
+model as shipped -- and optionally with ``torch.compile``, bfloat16 autocast and channels-last input -- side by side
+with ``reference``: the same weights run through the official computation (explicit attention formula, unfolded
+position encoder rebuilt every forward, see ``timm_pervit.reference``).
+
+How it measures:
+
+* Correctness first: every candidate's output (and in training its loss gradients) is compared with the reference
+  on the benchmark batch; a candidate that disagrees beyond tolerance stops the run with exit code 1 (bfloat16
+  candidates are held to the error the explicit formula itself makes under the same autocast).
+* Warm-up, then rounds in which every candidate runs once, in turn (A/B/A/B...), so that drift and noise from other
+  processes hit all of them alike. Ratios are the median of the per-round ratios against the reference.
+* Peak memory of one step: on CPU the process's peak resident set (``VmHWM``, reset through
+  ``/proc/self/clear_refs`` before the step; ``step`` is the growth over the resident set before the step), on CUDA
+  ``torch.cuda.max_memory_allocated``.
+* MACs counted with ``torch.utils.flop_counter`` on the candidate's own (eager) computation; achieved GFLOP/s is
+  2 * MACs * img/s, and the roofline is a large GEMM timed in-process in the candidate's compute dtype.
+
+Example::
+
+    python -m timm_pervit.benchmark --model pervit_tiny --batch-size 32 --threads 2 --mode both --amp --compile
+"""
+import argparse
+import contextlib
+import copy
+import gc
+import json
+import logging
+import math
+import re
+import statistics
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import timm
+
+from .flops import flop_counter_mode
+from .pervit import PerViT, checkpoint_filter_fn
+from .reference import OfficialFormula
+
+__all__ = [
+    'Candidate', 'CorrectnessError', 'BenchmarkResult', 'parse_candidates', 'check_candidate',
+    'gemm_roofline', 'count_macs', 'peak_memory', 'run_benchmark', 'format_table', 'main',
+]
+
+_logger = logging.getLogger(__name__)
+
+#: Candidate names accepted by ``--candidates``: ``eager`` or ``+``-joined options, e.g. ``compile+amp``.
+CANDIDATE_OPTIONS = ('compile', 'amp', 'channels_last')
+
+#: Relative tolerance of the correctness gate for full-precision candidates: (outputs, gradients).
+TOLERANCES = {'float32': (2e-4, 2e-3), 'float64': (1e-9, 1e-7)}
+
+
+class CorrectnessError(RuntimeError):
+    """A candidate's results differ from the reference beyond the tolerance: its timings would be meaningless."""
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """One way of running the model. ``reference`` is the explicit official formulation (always fp32 eager)."""
+    name: str
+    reference: bool = False
+    compile: bool = False
+    amp: bool = False
+    channels_last: bool = False
+
+
+@dataclass
+class BenchmarkResult:
+    """Measurements of one candidate in one mode at one input size."""
+    candidate: str
+    mode: str
+    img_size: int
+    batch_size: int
+    img_per_s: List[float] = field(default_factory=list)
+    ratio: float = float('nan')
+    peak_mem_mb: float = float('nan')
+    step_mem_mb: float = float('nan')
+    mem_ratio: float = float('nan')
+    params: int = 0
+    gmacs_per_img: float = float('nan')
+    roofline_gflops: float = float('nan')
+    max_rel_err: float = float('nan')
+    warmup_s: float = float('nan')
+    pos_share: float = float('nan')
+
+    @property
+    def median(self) -> float:
+        return statistics.median(self.img_per_s) if self.img_per_s else float('nan')
+
+    @property
+    def achieved_gflops(self) -> float:
+        return 2 * self.gmacs_per_img * self.median
+
+    @property
+    def roofline_pct(self) -> float:
+        return 100. * self.achieved_gflops / self.roofline_gflops
+
+    def to_dict(self) -> Dict[str, Any]:
+        d = asdict(self)
+        d.update(
+            img_per_s_median=self.median,
+            img_per_s_min=min(self.img_per_s, default=float('nan')),
+            img_per_s_max=max(self.img_per_s, default=float('nan')),
+            achieved_gflops=self.achieved_gflops,
+            roofline_pct=self.roofline_pct,
+        )
+        return {k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in d.items()}
+
+
+def parse_candidates(names: Sequence[str]) -> List[Candidate]:
+    """Turn names like ``eager``, ``compile``, ``amp+channels_last`` into candidates (the reference comes first).
+
+    Raises:
+        ValueError: For an unknown option, naming the accepted ones.
+    """
+    out = [Candidate('reference', reference=True)]
+    for name in names:
+        name = name.strip()
+        opts = set() if name == 'eager' else set(name.split('+'))
+        unknown = opts - set(CANDIDATE_OPTIONS)
+        if unknown:
+            raise ValueError(
+                f'Unknown candidate option(s) {sorted(unknown)} in {name!r}: use "eager" or options joined by "+" '
+                f'from {", ".join(CANDIDATE_OPTIONS)} (e.g. "compile+amp").')
+        if any(c.name == name for c in out):
+            continue
+        out.append(Candidate(name, compile='compile' in opts, amp='amp' in opts, channels_last='channels_last' in opts))
+    return out
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == 'cuda':
+        torch.cuda.synchronize(device)
+
+
+def gemm_roofline(device: torch.device, dtype: torch.dtype, size: int = 2048, repeats: int = 5) -> float:
+    """Best of ``repeats`` timings of a square GEMM, in GFLOP/s: the machine's practical compute limit."""
+    a = torch.randn(size, size, device=device).to(dtype)
+    b = torch.randn(size, size, device=device).to(dtype)
+    torch.mm(a, b)
+    _sync(device)
+    best = float('inf')
+    for _ in range(repeats):
+        t = time.perf_counter()
+        torch.mm(a, b)
+        _sync(device)
+        best = min(best, time.perf_counter() - t)
+    return 2 * size ** 3 / best / 1e9
+
+
+def count_macs(fn: Callable[[], Any]) -> int:
+    """Multiply-accumulates of one call of ``fn`` counted with ``torch.utils.flop_counter`` (FLOPs / 2).
+
+    Uses ``timm_pervit.flops.flop_counter_mode``, which also counts the CPU flash-attention kernel.
+    """
+    with flop_counter_mode() as counter:
+        fn()
+    return counter.get_total_flops() // 2
+
+
+def _read_status_kb(key: str) -> Optional[int]:
+    try:
+        with open('/proc/self/status') as f:
+            m = re.search(rf'^{key}:\s+(\d+)\s+kB', f.read(), re.MULTILINE)
+        return int(m.group(1)) if m else None
+    except OSError:
+        return None
+
+
+def _reset_peak_rss() -> bool:
+    try:
+        with open('/proc/self/clear_refs', 'w') as f:
+            f.write('5')  # resets VmHWM to the current resident set size
+        return True
+    except OSError:
+        return False
+
+
+def _trim_heap() -> None:
+    """Give freed heap pages back to the OS (glibc ``malloc_trim``) so the resident set is the live memory."""
+    try:
+        import ctypes
+        ctypes.CDLL('libc.so.6').malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
+def peak_memory(fn: Callable[[], Any], device: torch.device) -> Tuple[float, float]:
+    """Run ``fn`` once and return (peak memory, growth over the memory before the call), in MiB.
+
+    CUDA: allocator peak (``torch.cuda.max_memory_allocated``). CPU: peak resident set size from ``/proc`` (Linux);
+    where the peak cannot be reset, ``resource.getrusage`` (the process-lifetime peak) is returned for both.
+    """
+    gc.collect()
+    if device.type == 'cuda':
+        _sync(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        before = torch.cuda.memory_allocated(device)
+        fn()
+        _sync(device)
+        peak = torch.cuda.max_memory_allocated(device)
+        return peak / 2 ** 20, (peak - before) / 2 ** 20
+    _trim_heap()
+    before_kb = _read_status_kb('VmRSS')
+    if before_kb is not None and _reset_peak_rss():
+        fn()
+        peak_kb = _read_status_kb('VmHWM') or 0
+        return peak_kb / 1024, (peak_kb - before_kb) / 1024
+    import resource
+    fn()
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return peak, float('nan')
+
+
+class _Runner:
+    """A candidate's own model copy (and optimizer) with a ``step()`` for one mode."""
+
+    def __init__(self, cand: Candidate, base: PerViT, x: torch.Tensor, y: torch.Tensor, mode: str):
+        self.cand = cand
+        self.mode = mode
+        model = copy.deepcopy(base)
+        if cand.channels_last:
+            model = model.to(memory_format=torch.channels_last)
+            x = x.contiguous(memory_format=torch.channels_last)
+        self.model = model
+        self.module: nn.Module = OfficialFormula(model) if cand.reference else model
+        self.fn: nn.Module = torch.compile(self.module) if cand.compile else self.module
+        self.x, self.y = x, y
+        self.device = x.device
+        self.opt = torch.optim.AdamW(self.module.parameters(), lr=1e-6) if mode == 'train' else None
+        self.module.train(mode == 'train')
+
+    def _autocast(self, amp: Optional[bool] = None) -> contextlib.AbstractContextManager:
+        if self.cand.amp if amp is None else amp:
+            return torch.autocast(self.device.type, dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    @property
+    def compute_dtype(self) -> torch.dtype:
+        return torch.bfloat16 if self.cand.amp else self.x.dtype
+
+    def forward_backward(self, fn: Optional[Callable] = None, amp: Optional[bool] = None) -> torch.Tensor:
+        """Forward (+ loss backward in training); returns the output. ``amp`` overrides the candidate's autocast."""
+        fn = fn or self.fn
+        if self.mode == 'train':
+            with self._autocast(amp):
+                out = fn(self.x)
+                loss = F.cross_entropy(out.float(), self.y)
+            loss.backward()
+            return out
+        with torch.no_grad(), self._autocast(amp):
+            return fn(self.x)
+
+    def step(self) -> None:
+        if self.mode == 'train':
+            self.opt.zero_grad(set_to_none=True)
+            self.forward_backward()
+            self.opt.step()
+        else:
+            self.forward_backward()
+        _sync(self.device)
+
+    def grads(self) -> Dict[str, torch.Tensor]:
+        return {n: p.grad.detach().float().clone() for n, p in self.model.named_parameters() if p.grad is not None}
+
+
+def _rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.detach().double(), b.detach().double()
+    return ((a - b).abs().max() / b.abs().max().clamp_min(1e-12)).item()
+
+
+def _errors(out: torch.Tensor, grads: Dict[str, torch.Tensor], out_ref: torch.Tensor,
+            grads_ref: Dict[str, torch.Tensor]) -> Dict[str, float]:
+    """Relative errors of the output and of every parameter gradient against the reference's."""
+    errs = {'output': _rel_err(out, out_ref)}
+    if grads_ref:
+        # per-parameter error relative to the parameter's gradient norm, floored at 1% of the largest one: some
+        # gradients are zero up to rounding (e.g. conv biases followed by instance norm) and have no relative error
+        floor = 1e-2 * max(g.norm().item() for g in grads_ref.values())
+        for name, g in grads_ref.items():
+            if name not in grads:
+                errs[f'gradient of {name}'] = float('inf')
+                continue
+            errs[f'gradient of {name}'] = ((grads[name] - g).norm() / max(g.norm().item(), floor, 1e-30)).item()
+    return errs
+
+
+def check_candidate(runner: _Runner, reference: _Runner) -> float:
+    """Compare a candidate's outputs (and gradients in training) with the reference before any timing.
+
+    Both runners must hold models with equal weights. Runs one forward (+ backward) on each, without optimizer
+    steps; the model states (BatchNorm statistics) are restored afterwards so the runs stay comparable.
+
+    Full-precision candidates must match the float32 reference within ``TOLERANCES``. A bfloat16 autocast candidate
+    is held to the precision the explicit formula itself reaches under the same autocast: each of its errors against
+    the float32 reference may be at most 1.5x the reference's own autocast error (plus the float32 tolerance), since
+    some gradients legitimately lose most of their digits in bfloat16.
+
+    Returns:
+        The largest relative error found.
+
+    Raises:
+        CorrectnessError: Naming the candidate, what differs and by how much.
+    """
+    states = [copy.deepcopy(r.model.state_dict()) for r in (runner, reference)]
+
+    def run(r: _Runner, amp: Optional[bool] = None) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
+        r.module.zero_grad(set_to_none=True)
+        out = r.forward_backward(amp=amp)
+        grads = r.grads() if r.mode == 'train' else {}
+        r.model.load_state_dict(states[0 if r is runner else 1])
+        r.module.zero_grad(set_to_none=True)
+        return out, grads
+
+    out_r, g_r = run(reference, amp=False)
+    errs = _errors(*run(runner), out_r, g_r)
+    out_tol, grad_tol = TOLERANCES['float32' if runner.cand.amp else str(runner.x.dtype).replace('torch.', '')]
+    allowed = {k: out_tol if k == 'output' else grad_tol for k in errs}
+    if runner.cand.amp:
+        for k, e in _errors(*run(reference, amp=True), out_r, g_r).items():
+            allowed[k] += 1.5 * e
+    what = max(errs, key=lambda k: errs[k] / allowed[k])
+    if not errs[what] <= allowed[what]:
+        raise CorrectnessError(
+            f'candidate {runner.cand.name!r} ({runner.mode}) disagrees with the explicit official formula: '
+            f'relative error of the {what} is {errs[what]:.3g} > tolerance {allowed[what]:.3g} for '
+            f'{runner.compute_dtype}. Its timings would be meaningless, so the benchmark stops; fix the model (or the '
+            f'candidate) first.')
+    return max(errs.values())
+
+
+def _position_build_seconds(model: PerViT, h: int, w: int) -> float:
+    """Time to build the position attention of all blocks with its backward, as a training step does."""
+    t = time.perf_counter()
+    sum(p.sum() for p in model.pos_embed.compute(h, w)).backward()
+    _sync(model.pos_embed.dist_proj.weight.device)
+    elapsed = time.perf_counter() - t
+    model.zero_grad(set_to_none=True)
+    return elapsed
+
+
+def _token_grid(model: PerViT, img_size: int) -> Tuple[int, int]:
+    n = img_size
+    for _ in range(len(model.stem) - 1):  # stride-2, padding-1 3x3 convs, then the 1x1 conv
+        n = (n + 1) // 2
+    return n, n
+
+
+def _progress(total: int, desc: str, enabled: bool):
+    from tqdm.auto import tqdm
+    return tqdm(total=total, desc=desc, file=sys.stderr, disable=not enabled, leave=False)
+
+
+def run_benchmark(
+        base: PerViT,
+        candidates: Sequence[Candidate],
+        img_size: int,
+        batch_size: int,
+        mode: str,
+        device: torch.device,
+        warmup: int = 2,
+        iters: int = 10,
+        rooflines: Optional[Dict[torch.dtype, float]] = None,
+        progress: bool = True,
+        seed: int = 0,
+) -> List[BenchmarkResult]:
+    """Benchmark ``candidates`` (the first must be the reference) on one input size in one mode.
+
+    Raises:
+        CorrectnessError: When a candidate disagrees with the reference.
+    """
+    if not candidates or not candidates[0].reference:
+        raise ValueError('the first candidate must be the reference (use parse_candidates())')
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(batch_size, base.in_chans, img_size, img_size, generator=g).to(device)
+    num_classes = max(base.num_classes, 1)
+    y = torch.randint(0, num_classes, (batch_size,), generator=g).to(device)
+    runners = [_Runner(c, base, x, y, mode) for c in candidates]
+    results = [BenchmarkResult(c.name, mode, img_size, batch_size) for c in candidates]
+    n_params = sum(p.numel() for p in base.parameters())
+
+    # correctness gate (it is also the first warm-up call, which compiles the compiled candidates)
+    for runner, res in zip(runners, results):
+        t = time.perf_counter()
+        res.max_rel_err = 0. if runner.cand.reference else check_candidate(runner, runners[0])
+        res.warmup_s = time.perf_counter() - t
+        res.params = n_params
+        if rooflines is not None:
+            res.roofline_gflops = rooflines.get(runner.compute_dtype, float('nan'))
+
+    with _progress(len(runners) * (warmup + iters), f'{mode} {img_size}px', progress) as bar:
+        for _ in range(warmup):
+            for runner in runners:
+                runner.step()
+                bar.update()
+        per_round: List[List[float]] = [[] for _ in runners]
+        pos_times: List[float] = []
+        for _ in range(iters):
+            for i, runner in enumerate(runners):
+                t = time.perf_counter()
+                runner.step()
+                per_round[i].append(time.perf_counter() - t)
+                bar.update()
+            if mode == 'train' and len(runners) > 1:
+                # the position attention is rebuilt (with backward) every training step: time it in the same round
+                pos_times.append(_position_build_seconds(runners[1].model, *_token_grid(base, img_size)))
+    ref_times = per_round[0]
+    for res, times in zip(results, per_round):
+        res.img_per_s = [batch_size / t for t in times]
+        res.ratio = statistics.median(r / t for r, t in zip(ref_times, times))
+
+    for runner, res in zip(runners, results):
+        res.peak_mem_mb, res.step_mem_mb = peak_memory(runner.step, device)
+        eager = runner.module  # count the eager computation (compile and autocast change how, not what)
+        res.gmacs_per_img = count_macs(lambda: runner.forward_backward(eager)) / batch_size / 1e9
+        runner.module.zero_grad(set_to_none=True)
+    ref_step = results[0].step_mem_mb
+    for res in results:
+        res.mem_ratio = res.step_mem_mb / ref_step if ref_step and ref_step > 0 else float('nan')
+
+    # share of a training step spent building the position attention (cached at inference: no share)
+    if pos_times:
+        for res, times in zip(results[1:], per_round[1:]):
+            res.pos_share = statistics.median(p / t for p, t in zip(pos_times, times))
+    del runners
+    gc.collect()
+    return results
+
+
+def _fmt(v: float, spec: str) -> str:
+    return '-' if v is None or (isinstance(v, float) and math.isnan(v)) else format(v, spec)
+
+
+def format_table(results: Sequence[BenchmarkResult], device: torch.device) -> str:
+    """A Markdown table of results (one row per candidate, mode and input size)."""
+    mem = 'peak alloc MiB' if device.type == 'cuda' else 'peak RSS MiB'
+    head = [
+        'mode', 'img', 'batch', 'candidate', 'img/s median (min-max)', 'ratio', mem, 'step MiB (ratio)', 'params',
+        'GMACs/img', 'GFLOP/s', '% roofline', 'pos build', 'max rel err']
+    rows = []
+    for r in results:
+        pos = 'cached' if r.mode == 'infer' and r.candidate != 'reference' else (
+            'every fwd' if r.candidate == 'reference' else _fmt(100 * r.pos_share, '.1f') + '%')
+        rows.append([
+            r.mode, str(r.img_size), str(r.batch_size), r.candidate,
+            f'{_fmt(r.median, ".1f")} ({_fmt(min(r.img_per_s), ".1f")}-{_fmt(max(r.img_per_s), ".1f")})',
+            _fmt(r.ratio, '.2f') + 'x', _fmt(r.peak_mem_mb, '.0f'),
+            f'{_fmt(r.step_mem_mb, ".0f")} ({_fmt(r.mem_ratio, ".2f")}x)', f'{r.params:,}',
+            _fmt(r.gmacs_per_img, '.3f'), _fmt(r.achieved_gflops, '.0f'), _fmt(r.roofline_pct, '.0f'), pos,
+            _fmt(r.max_rel_err, '.1e'),
+        ])
+    lines = ['| ' + ' | '.join(head) + ' |', '|' + '---|' * len(head)]
+    lines += ['| ' + ' | '.join(row) + ' |' for row in rows]
+    return '\n'.join(lines)
+
+
+def _build_model(args: argparse.Namespace, device: torch.device) -> PerViT:
+    kwargs = json.loads(args.model_kwargs) if args.model_kwargs else {}
+    if not isinstance(kwargs, dict):
+        raise ValueError(f'--model-kwargs must be a JSON object, got {args.model_kwargs!r}.')
+    torch.manual_seed(args.seed)
+    model = timm.create_model(args.model, **kwargs)
+    if not isinstance(model, PerViT):
+        raise ValueError(
+            f'--model {args.model!r} is a {type(model).__name__}, not a PerViT: the reference only knows how to run '
+            f'PerViT weights. Use pervit_tiny, pervit_small or pervit_medium.')
+    if args.checkpoint:
+        from safetensors.torch import load_file
+        sd = load_file(args.checkpoint) if args.checkpoint.endswith('.safetensors') else torch.load(
+            args.checkpoint, map_location='cpu', weights_only=True)
+        model.load_state_dict(checkpoint_filter_fn(sd, model))
+    return model.to(device)
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog='pervit-benchmark', description=__doc__.split('\n\n')[1].replace('\n', ' '),
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument('--model', default='pervit_tiny', help='a PerViT model name (timm registry)')
+    p.add_argument('--model-kwargs', default='', help='JSON object of extra create_model kwargs, e.g. a micro model')
+    p.add_argument('--checkpoint', default='', help='optional weights (.safetensors or torch file, official or ours)')
+    p.add_argument('--batch-size', '-b', type=int, default=32)
+    p.add_argument('--img-size', type=int, nargs='+', default=[224], help='one or more input sizes (square)')
+    p.add_argument('--device', default='cpu', help='cpu, cuda, cuda:1, ...')
+    p.add_argument('--mode', choices=('infer', 'train', 'both'), default='infer',
+                   help='infer: forward under no_grad; train: forward + backward + AdamW step')
+    p.add_argument('--candidates', default='eager',
+                   help='comma-separated candidates besides the reference: eager or options joined by "+" from '
+                        f'{", ".join(CANDIDATE_OPTIONS)}')
+    p.add_argument('--compile', action='store_true', help='add the torch.compile candidate')
+    p.add_argument('--amp', action='store_true', help='add the bfloat16 autocast candidate')
+    p.add_argument('--channels-last', action='store_true', help='add the channels-last input/stem candidate')
+    p.add_argument('--threads', type=int, default=0, help='torch CPU threads (0: leave the default)')
+    p.add_argument('--warmup', type=int, default=2, help='warm-up steps per candidate (after the correctness check)')
+    p.add_argument('--iters', type=int, default=10, help='timed rounds; each round runs every candidate once')
+    p.add_argument('--seed', type=int, default=0)
+    p.add_argument('--json', default='', metavar='PATH', help='also write the results as JSON ("-": stdout only)')
+    p.add_argument('--no-progress', action='store_true', help='no progress bar on stderr')
+    p.add_argument('--no-roofline', action='store_true', help='skip timing the GEMM roofline')
+    return p
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    args = _parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format='%(message)s', stream=sys.stderr)
+    if args.threads > 0:
+        torch.set_num_threads(args.threads)
+    if args.batch_size < 1 or args.iters < 1 or args.warmup < 0:
+        raise SystemExit('--batch-size and --iters must be >= 1 and --warmup >= 0')
+    device = torch.device(args.device)
+    if device.type == 'cuda' and not torch.cuda.is_available():
+        raise SystemExit(f'--device {args.device}: CUDA is not available on this machine; use --device cpu.')
+    names = [n for n in args.candidates.split(',') if n.strip()]
+    names += [n for flag, n in ((args.compile, 'compile'), (args.amp, 'amp'), (args.channels_last, 'channels_last'))
+              if flag]
+    try:
+        candidates = parse_candidates(names)
+        base = _build_model(args, device)
+    except ValueError as e:
+        print(f'error: {e}', file=sys.stderr)
+        return 2
+    rooflines = None
+    if not args.no_roofline:
+        dtypes = {torch.float32} | ({torch.bfloat16} if any(c.amp for c in candidates) else set())
+        _logger.info('timing the GEMM roofline (%s)', ', '.join(str(dt) for dt in dtypes))
+        rooflines = {dt: gemm_roofline(device, dt) for dt in dtypes}
+    modes = ('infer', 'train') if args.mode == 'both' else (args.mode,)
+    results: List[BenchmarkResult] = []
+    try:
+        for mode in modes:
+            for size in args.img_size:
+                results += run_benchmark(
+                    base, candidates, size, args.batch_size, mode, device, warmup=args.warmup, iters=args.iters,
+                    rooflines=rooflines, progress=not args.no_progress, seed=args.seed)
+    except CorrectnessError as e:
+        print(f'error: correctness check failed: {e}', file=sys.stderr)
+        return 1
+    meta = dict(
+        model=args.model, model_kwargs=args.model_kwargs, device=str(device), threads=torch.get_num_threads(),
+        torch=torch.__version__, timm=timm.__version__, command='pervit-benchmark ' + ' '.join(
+            sys.argv[1:] if argv is None else argv),
+        gemm_roofline_gflops={str(k).replace('torch.', ''): v for k, v in (rooflines or {}).items()},
+        device_name=torch.cuda.get_device_name(device) if device.type == 'cuda' else _cpu_name(),
+    )
+    payload = dict(meta=meta, results=[r.to_dict() for r in results])
+    if args.json and args.json != '-':
+        with open(args.json, 'w') as f:
+            json.dump(payload, f, indent=2)
+    if args.json == '-':
+        print(json.dumps(payload, indent=2))
+    else:
+        roof = ', '.join(f'{k} {v:.0f} GFLOP/s' for k, v in meta['gemm_roofline_gflops'].items())
+        print(f'{meta["device_name"]}, {meta["threads"]} threads, torch {meta["torch"]}; GEMM roofline: {roof or "-"}')
+        print(format_table(results, device))
+    return 0
+
+
+def _cpu_name() -> str:
+    try:
+        with open('/proc/cpuinfo') as f:
+            m = re.search(r'^model name\s*:\s*(.+)$', f.read(), re.MULTILINE)
+        return m.group(1).strip() if m else 'CPU'
+    except OSError:
+        return 'CPU'
+
+
+if __name__ == '__main__':
+    sys.exit(main())
