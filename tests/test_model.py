@@ -344,3 +344,66 @@ def test_low_precision_and_autocast(dtype):
     tol = 0.05 if dtype == torch.bfloat16 else 0.01
     torch.testing.assert_close(amp.float(), ref, rtol=0, atol=tol)
     torch.testing.assert_close(low.float(), ref, rtol=0, atol=tol)
+
+
+def _autograd_node_names(tensor):
+    """Names of every node in the autograd graph behind ``tensor``."""
+    names, stack, seen = set(), [tensor.grad_fn], set()
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        names.add(type(node).__name__)
+        stack.extend(next_fn for next_fn, _ in node.next_functions)
+    return names
+
+
+@pytest.mark.parametrize('dtype', [torch.float32, torch.float64])
+def test_cpu_training_attention_matches_explicit_formula(dtype):
+    """The fused training path on CPU (flash kernel + custom backward) gives the explicit formula's outputs and the
+    gradients of every parameter, the position network's included."""
+    torch.manual_seed(0)
+    fused = make_micro(dtype=dtype).train()
+    explicit = make_micro(dtype=dtype).train()
+    explicit.load_state_dict(fused.state_dict())
+    for blk in explicit.blocks:
+        blk.attn.fused_attn = False
+    x = torch.randn(3, 3, 48, 64, dtype=dtype)
+    target = torch.randint(0, 10, (3,))
+    outs = []
+    for model in (fused, explicit):
+        out = model(x)
+        nn.functional.cross_entropy(out, target).backward()
+        outs.append(out)
+    assert '_PeripheralSdpaCpuBackward' in _autograd_node_names(outs[0])
+    assert '_PeripheralSdpaCpuBackward' not in _autograd_node_names(outs[1])
+    tol = dict(rtol=1e-9, atol=1e-11) if dtype == torch.float64 else dict(rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(outs[0], outs[1], **tol)
+    grads = dict(explicit.named_parameters())
+    for name, p in fused.named_parameters():
+        assert p.grad is not None, name
+        torch.testing.assert_close(p.grad, grads[name].grad, **tol, msg=lambda m: f'{name}: {m}')
+
+
+def test_cpu_training_attention_function_gradcheck():
+    """The custom CPU attention function passes gradcheck (q, k, v and a broadcast mask, non-contiguous inputs) and
+    gives float32 gradients under bfloat16 autocast close to the float32 ones."""
+    from timm_pervit.pervit import _PeripheralSdpaCpu
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(2, 5, 3, 4, dtype=torch.float64).transpose(1, 2).requires_grad_() for _ in range(3))
+    mask = torch.randn(1, 3, 5, 5, dtype=torch.float64, requires_grad=True)
+    assert not q.is_contiguous()
+    assert torch.autograd.gradcheck(lambda *a: _PeripheralSdpaCpu.apply(*a, 0.7), (q, k, v, mask))
+
+    inputs = [t.detach().float().requires_grad_() for t in (q, k, v, mask)]
+    _PeripheralSdpaCpu.apply(*inputs, 0.7).sum().backward()
+    ref = [t.grad for t in inputs]
+    inputs = [t.detach().float().requires_grad_() for t in (q, k, v, mask)]
+    with torch.autocast('cpu', dtype=torch.bfloat16):
+        out = _PeripheralSdpaCpu.apply(*(t.to(torch.bfloat16) for t in inputs), 0.7)
+        assert out.dtype == torch.bfloat16
+        out.float().sum().backward()
+    for t, r in zip(inputs, ref):
+        assert t.grad.dtype == torch.float32
+        torch.testing.assert_close(t.grad, r, rtol=0, atol=0.1)

@@ -273,6 +273,56 @@ class PeripheralPosition(nn.Module):
         return self._cached(h, w, len(self.blocks) if num_blocks is None else num_blocks)
 
 
+class _PeripheralSdpaCpu(torch.autograd.Function):
+    """``softmax(q k^T * scale + mask) v`` on CPU with a gradient for the mask and O(N) saved activations.
+
+    The forward is the CPU flash kernel, which also returns the row log-sum-exp; the backward rebuilds the attention
+    from it in one pass (one block's B x H x N x N at a time) and returns the gradients of q, k, v and the mask (the
+    mask's summed over its broadcast dimensions). Without it, SDPA would fall to its math kernel whenever the mask
+    needs a gradient and keep every block's attention for backward.
+    """
+
+    @staticmethod
+    def forward(
+            ctx: Any, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, scale: float,
+    ) -> torch.Tensor:
+        out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+            q, k, v, 0.0, False, attn_mask=mask, scale=scale)
+        ctx.save_for_backward(q, k, v, mask, out, lse)
+        ctx.scale = scale
+        return out
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx: Any, grad_out: torch.Tensor) -> Tuple[Optional[torch.Tensor], ...]:
+        q, k, v, mask, out, lse = ctx.saved_tensors
+        scale = ctx.scale
+        need_q, need_k, _, need_mask, _ = ctx.needs_input_grad
+        # low-precision inputs are promoted: the softmax and its gradient are computed in float32 (or float64), also
+        # when backward is called under autocast
+        ct = torch.promote_types(q.dtype, torch.float32)
+        with torch.autocast(q.device.type, enabled=False):
+            qs, kc, vc, do = q.to(ct) * scale, k.to(ct), v.to(ct), grad_out.to(ct)
+            attn = torch.matmul(qs, kc.transpose(-2, -1)).add_(mask.to(ct))
+            attn = attn.sub_(lse.to(ct).unsqueeze(-1)).exp_()  # the softmax, rebuilt from the saved log-sum-exp
+            grad_v = torch.matmul(attn.transpose(-2, -1), do).to(v.dtype)
+            # dS = P * (dO v^T - rowsum(dO * O)), in place on dO v^T
+            delta = (do * out.to(ct)).sum(dim=-1, keepdim=True)
+            grad_s = torch.matmul(do, vc.transpose(-2, -1)).sub_(delta).mul_(attn)
+            del attn
+            grad_mask = grad_s.sum_to_size(mask.shape).to(mask.dtype) if need_mask else None
+            grad_q = torch.matmul(grad_s, kc).mul_(scale).to(q.dtype) if need_q else None
+            grad_k = torch.matmul(grad_s.transpose(-2, -1), qs).to(k.dtype) if need_k else None
+        return grad_q, grad_k, grad_v, grad_mask, None
+
+
+def _use_sdpa_cpu_function(q: torch.Tensor, mask: torch.Tensor) -> bool:
+    """Whether ``_PeripheralSdpaCpu`` can take this call (eager mode, a dtype the CPU flash kernel supports)."""
+    return hasattr(torch.ops.aten, '_scaled_dot_product_flash_attention_for_cpu') \
+        and not torch.compiler.is_compiling() and q.device.type == 'cpu' and q.dtype == mask.dtype \
+        and q.dtype in (torch.float32, torch.float64, torch.bfloat16, torch.float16)
+
+
 class PeripheralAttention(nn.Module):
     """Multi-head peripheral attention: content attention reweighted by the position attention ``phi_p``."""
 
@@ -317,9 +367,13 @@ class PeripheralAttention(nn.Module):
                     and mask.requires_grad and q.device.type != 'cuda'
             if recompute and not torch.jit.is_scripting():
                 # the mask needs a gradient, which off CUDA sends SDPA to its math kernel: that would keep the
-                # (B, H, N, N) attention of every block for backward; recompute it there instead, one block at a time
-                x = torch.utils.checkpoint.checkpoint(
-                    F.scaled_dot_product_attention, q, k, v, mask, use_reentrant=False, scale=self.scale)
+                # (B, H, N, N) attention of every block for backward; the flash kernel with a custom backward does not
+                if _use_sdpa_cpu_function(q, mask):
+                    x = _PeripheralSdpaCpu.apply(q, k, v, mask, self.scale)
+                else:
+                    # where it cannot run (compiling, exporting, other dtypes): recompute the attention in backward
+                    x = torch.utils.checkpoint.checkpoint(
+                        F.scaled_dot_product_attention, q, k, v, mask, use_reentrant=False, scale=self.scale)
             else:
                 x = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.scale)
         else:
