@@ -67,7 +67,8 @@ def test_family_table():
     params = [r['params'] for r in rows]
     gmacs = [r['gmacs'] for r in rows]
     assert params[0] == sum(p.numel() for p in timm.create_model('pervit_tiny').parameters())
-    assert params == sorted(params) and gmacs == sorted(gmacs) and gmacs[0] > 0 and all(r['img_per_s'] > 0 for r in rows)
+    assert params == sorted(params) and gmacs == sorted(gmacs) and gmacs[0] > 0
+    assert all(r['img_per_s'] > 0 for r in rows)
     assert rows[0]['tag'] == 'pervit_tiny.in1k' and rows[0]['paper_top1'] == 78.8
 
 

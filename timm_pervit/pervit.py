@@ -86,7 +86,8 @@ def check_input(x: torch.Tensor, in_chans: int) -> None:
 class ConvBnReLU(nn.Module):
     """3x3 stride-2 convolution (with bias) -> BatchNorm2d -> ReLU, one step of the conv stem."""
 
-    def __init__(self, in_chs: int, out_chs: int, bn_kwargs: Optional[Dict[str, float]] = None, device=None, dtype=None):
+    def __init__(
+            self, in_chs: int, out_chs: int, bn_kwargs: Optional[Dict[str, float]] = None, device=None, dtype=None):
         dd = {'device': device, 'dtype': dtype}
         super().__init__()
         self.conv = nn.Conv2d(in_chs, out_chs, kernel_size=3, stride=2, padding=1, bias=True, **dd)
@@ -348,6 +349,23 @@ class PeripheralAttention(nn.Module):
         self.proj = nn.Linear(dim, dim, **dd)
         self.proj_drop = nn.Dropout(proj_drop)
 
+    @torch.jit.unused
+    def _mask_grad_off_cuda(self, mask: torch.Tensor) -> bool:
+        if torch.fx._symbolic_trace.is_fx_symbolic_tracing():
+            return False  # mask is a Proxy: trace the plain SDPA call
+        return mask.requires_grad and torch.is_grad_enabled() and mask.device.type != 'cuda'
+
+    @torch.jit.unused
+    def _sdpa_with_mask_grad(
+            self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """SDPA where the mask needs a gradient off CUDA, which would send SDPA to its math kernel and keep the
+        (B, H, N, N) attention of every block for backward."""
+        if _use_sdpa_cpu_function(q, mask):
+            return _PeripheralSdpaCpu.apply(q, k, v, mask, self.scale)  # flash forward, one-pass backward
+        # where that cannot run (compiling, exporting, other devices): recompute the attention in backward
+        return torch.utils.checkpoint.checkpoint(
+            F.scaled_dot_product_attention, q, k, v, mask, use_reentrant=False, scale=self.scale)
+
     def forward(self, x: torch.Tensor, pos_log: torch.Tensor) -> torch.Tensor:
         """Attend.
 
@@ -361,21 +379,10 @@ class PeripheralAttention(nn.Module):
         if self.fused_attn:
             # a 4-D (1, H, N, N) mask: with a 3-D one the CPU dispatcher falls back to the math kernel (5x slower)
             mask = pos_log.to(q.dtype).unsqueeze(0)
-            recompute = False
-            if not torch.jit.is_scripting():
-                recompute = torch.is_grad_enabled() and not torch.fx._symbolic_trace.is_fx_symbolic_tracing() \
-                    and mask.requires_grad and q.device.type != 'cuda'
-            if recompute and not torch.jit.is_scripting():
-                # the mask needs a gradient, which off CUDA sends SDPA to its math kernel: that would keep the
-                # (B, H, N, N) attention of every block for backward; the flash kernel with a custom backward does not
-                if _use_sdpa_cpu_function(q, mask):
-                    x = _PeripheralSdpaCpu.apply(q, k, v, mask, self.scale)
-                else:
-                    # where it cannot run (compiling, exporting, other dtypes): recompute the attention in backward
-                    x = torch.utils.checkpoint.checkpoint(
-                        F.scaled_dot_product_attention, q, k, v, mask, use_reentrant=False, scale=self.scale)
-            else:
+            if torch.jit.is_scripting() or not self._mask_grad_off_cuda(mask):
                 x = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.scale)
+            else:
+                x = self._sdpa_with_mask_grad(q, k, v, mask)
         else:
             # the official formula: L1-normalized phi_p * exp(logits - rowmax), eps 1e-12
             attn = (q @ k.transpose(-2, -1)) * self.scale
