@@ -10,10 +10,12 @@ from .pervit import (
     checkpoint_filter_fn,
     infer_variant,
 )
+from .flops import count_gmacs
+from .hub import PretrainedWeightsError
 
 __version__ = '0.1.0'
 
 __all__ = [
-    'HF_HUB_NAMESPACE', 'MIN_INPUT_SIZE', 'PERVIT_VARIANTS', 'PerViT', 'checkpoint_filter_fn', 'infer_variant',
-    '__version__',
+    'HF_HUB_NAMESPACE', 'MIN_INPUT_SIZE', 'PERVIT_VARIANTS', 'PerViT', 'PretrainedWeightsError', 'checkpoint_filter_fn',
+    'count_gmacs', 'infer_variant', '__version__',
 ]
