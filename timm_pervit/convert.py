@@ -35,11 +35,12 @@ import torch
 import timm
 from timm.models import clean_state_dict, save_for_hf
 
+from .flops import count_gmacs
 from .hub import model_card
 from .pervit import HF_HUB_NAMESPACE, PERVIT_VARIANTS, checkpoint_filter_fn, infer_variant
 
 __all__ = [
-    'ConversionResult', 'load_checkpoint', 'to_official', 'convert_checkpoint', 'verify_folder', 'count_gmacs',
+    'ConversionResult', 'load_checkpoint', 'to_official', 'convert_checkpoint', 'verify_folder',
     'push_folder', 'main',
 ]
 
@@ -159,26 +160,6 @@ def to_official(state_dict: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
             new = k
         out[new] = v
     return out
-
-
-def count_gmacs(variant: str, img_size: int = 224, **kwargs: Any) -> float:
-    """Multiply-accumulates (G) of one inference forward of ``variant`` at ``img_size`` (``torch.utils.flop_counter``).
-
-    Counted on the meta device (shapes only, no compute). The input-independent position attention is computed and
-    cached by a first pass and not counted; the attention runs through the explicit formula so that its matmuls are
-    counted whatever SDPA kernel would be used.
-    """
-    from torch.utils.flop_counter import FlopCounterMode
-    model = _empty_model(variant, **kwargs).eval()
-    for blk in model.blocks:
-        blk.attn.fused_attn = False
-    x = torch.zeros(1, model.in_chans, img_size, img_size, device='meta')
-    counter = FlopCounterMode(display=False)
-    with torch.no_grad():
-        model(x)  # fills the position attention cache
-        with counter:
-            model(x)
-    return counter.get_total_flops() / 2 / 1e9
 
 
 def _empty_model(variant: str, **kwargs: Any) -> torch.nn.Module:
@@ -314,7 +295,7 @@ def convert_checkpoint(
     _logger.info(f'Converting to the timm layout and loading strictly into {variant}')
     model = _load_strict(_empty_model(variant, num_classes=num_classes), state_dict).eval()
     num_params = sum(p.numel() for p in model.parameters())
-    gmacs = count_gmacs(variant, num_classes=num_classes)
+    gmacs = count_gmacs(_empty_model(variant, num_classes=num_classes))  # shapes only, on the meta device
 
     output_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp_dir = output_dir.parent / f'.{output_dir.name}.{uuid.uuid4().hex[:8]}.partial'

@@ -250,7 +250,7 @@ class PeripheralPosition(nn.Module):
         if key is None:
             return self.compute(h, w, num_blocks)
         hit = self._cache.get(key)
-        if hit is None or len(hit) < num_blocks:
+        if hit is None:
             with torch.no_grad():
                 hit = [t.contiguous() for t in self.compute(h, w)]
             # drop entries computed from other parameter values (stale), then the oldest beyond the size
@@ -703,31 +703,24 @@ class PerViT(nn.Module):
         return x
 
 
-_OFFICIAL_RENAMES = (
-    ('conv_layers.conv1x1.', 'stem.{n_stem}.'),
-    ('rpe_proj.', 'pos_embed.dist_proj.'),
-)
-
-
-def _official_to_timm_key(k: str, n_stem: int) -> Optional[Tuple[str, Optional[int]]]:
-    """Map one official key to (timm key, block index or None)."""
+def _official_to_timm_key(k: str, n_stem: int) -> str:
+    """Map one official key to this implementation's key (``n_stem``: number of stride-2 stem convs)."""
     if k.startswith('conv_layers.conv_layers.'):
         i, j, rest = k[len('conv_layers.conv_layers.'):].split('.', 2)
-        return f'stem.{i}.{"conv" if j == "0" else "bn"}.{rest}', None
-    for old, new in _OFFICIAL_RENAMES:
-        if k.startswith(old):
-            return new.format(n_stem=n_stem) + k[len(old):], None
+        return f'stem.{i}.{"conv" if j == "0" else "bn"}.{rest}'
+    if k.startswith('conv_layers.conv1x1.'):
+        return f'stem.{n_stem}.' + k[len('conv_layers.conv1x1.'):]
+    if k.startswith('rpe_proj.'):
+        return 'pos_embed.dist_proj.' + k[len('rpe_proj.'):]
     if k.startswith('blocks.'):
         _, i, rest = k.split('.', 2)
         if rest.startswith('attn.activation.'):
-            rest = rest[len('attn.activation.'):]
-            rest = rest.replace('gn1.', 'norm1.').replace('gn2.', 'norm2.')
-            return f'pos_embed.blocks.{i}.{rest}', int(i)
-        rest = (rest.replace('attn.to_qkv.', 'attn.qkv.')
-                .replace('conv.proj.', 'dwconv.')
-                .replace('res_path.', 'shortcut.'))
-        return f'blocks.{i}.{rest}', int(i)
-    return k, None
+            rest = rest[len('attn.activation.'):].replace('gn1.', 'norm1.').replace('gn2.', 'norm2.')
+            return f'pos_embed.blocks.{i}.{rest}'
+        for old, new in (('attn.to_qkv.', 'attn.qkv.'), ('conv.proj.', 'dwconv.'), ('res_path.', 'shortcut.')):
+            rest = rest.replace(old, new)
+        return f'blocks.{i}.{rest}'
+    return k
 
 
 def _is_official(state_dict: Dict[str, torch.Tensor]) -> bool:
@@ -752,11 +745,7 @@ def infer_variant(state_dict: Dict[str, torch.Tensor]) -> Optional[str]:
 def convert_official(state_dict: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
     """Rename the keys of an official PerViT state dict to this implementation's keys (values untouched)."""
     n_stem = sum(1 for k in state_dict if k.startswith('conv_layers.conv_layers.') and k.endswith('.0.weight'))
-    out = {}
-    for k, v in state_dict.items():
-        new_k, _ = _official_to_timm_key(k, n_stem)
-        out[new_k] = v
-    return out
+    return {_official_to_timm_key(k, n_stem): v for k, v in state_dict.items()}
 
 
 def checkpoint_filter_fn(state_dict: Dict[str, Any], model: PerViT) -> Dict[str, torch.Tensor]:
@@ -774,7 +763,6 @@ def checkpoint_filter_fn(state_dict: Dict[str, Any], model: PerViT) -> Dict[str,
     if _is_official(state_dict):
         state_dict = convert_official(state_dict)
     state_dict = {k: v for k, v in state_dict.items() if isinstance(v, torch.Tensor)}
-    # BatchNorm counters may be missing from older checkpoints
     target = model.state_dict()
     skip = ('stem.0.conv.', 'head.')
     mismatched = [
