@@ -395,6 +395,12 @@ def test_cpu_training_attention_function_gradcheck():
     mask = torch.randn(1, 3, 5, 5, dtype=torch.float64, requires_grad=True)
     assert not q.is_contiguous()
     assert torch.autograd.gradcheck(lambda *a: _PeripheralSdpaCpu.apply(*a, 0.7), (q, k, v, mask))
+    # the backward works through the batch in chunks (one sample here, 3 samples in a chunk, an uneven tail)
+    q3, k3, v3 = (torch.randn(7, 3, 5, 4, dtype=torch.float64, requires_grad=True) for _ in range(3))
+    for chunk_bytes in (1, 3 * 3 * 5 * 5 * 8):
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(_PeripheralSdpaCpu, 'chunk_bytes', chunk_bytes)
+            assert torch.autograd.gradcheck(lambda *a: _PeripheralSdpaCpu.apply(*a, 0.7), (q3, k3, v3, mask))
 
     inputs = [t.detach().float().requires_grad_() for t in (q, k, v, mask)]
     _PeripheralSdpaCpu.apply(*inputs, 0.7).sum().backward()
@@ -407,3 +413,29 @@ def test_cpu_training_attention_function_gradcheck():
     for t, r in zip(inputs, ref):
         assert t.grad.dtype == torch.float32
         torch.testing.assert_close(t.grad, r, rtol=0, atol=0.1)
+
+
+def test_stem_memory_format_channels_last_at_inference_only():
+    """The stem runs channels-last at inference (faster, its output is then the NHWC token grid without a copy) and
+    NCHW in training (torch's channels-last BatchNorm gathers batch statistics less precisely); the results agree."""
+    model = make_micro()
+    with torch.no_grad():
+        for bn in (m for m in model.modules() if isinstance(m, nn.BatchNorm2d)):
+            bn.running_mean.normal_(0, .5)
+            bn.running_var.uniform_(.5, 2.)
+    seen = []
+    model.stem[1].conv.register_forward_pre_hook(
+        lambda mod, args: seen.append(args[0].is_contiguous(memory_format=torch.channels_last)))
+    x = torch.randn(2, 3, 64, 64)
+    model.eval()
+    with torch.no_grad():
+        tokens = model._stem(x)
+        feats = model.forward_features(x)
+        nchw = model.stem(x)  # the stem's modules called directly, in NCHW as the official model does
+    assert seen == [True, True, False] and tokens.is_contiguous()  # NHWC token grid straight from the stem
+    assert nchw.is_contiguous()
+    torch.testing.assert_close(tokens, nchw.permute(0, 2, 3, 1), rtol=1e-5, atol=1e-5)
+    assert feats.shape == (2, 4, 4, 40)
+    model.train()
+    model._stem(x)
+    assert seen[-1] is False
