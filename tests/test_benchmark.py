@@ -127,3 +127,39 @@ def test_console_entry_point_subprocess():
     assert proc.returncode == 0, proc.stderr
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith('| infer')]
     assert [ln.split('|')[4].strip() for ln in lines] == ['reference', 'eager']
+
+
+@pytest.mark.slow
+def test_compiled_candidate_passes_the_gate(tmp_path):
+    """The torch.compile candidate (inductor, CPU) runs through the float64 gate and the timed rounds."""
+    out = tmp_path / 'bench.json'
+    rc = benchmark.main(['--model-kwargs', MICRO_JSON, '--candidates', 'compile', '--json', str(out), '--threads', '1',
+                         *FAST])
+    assert rc == 0
+    rows = {r['candidate']: r for r in json.loads(out.read_text())['results']}
+    assert set(rows) == {'reference', 'compile'}
+    assert rows['compile']['max_rel_err'] <= benchmark.TOLERANCES['float32'][0]
+    assert all(v > 0 for v in rows['compile']['img_per_s'])
+    # the reference row reports the explicit formula's own float32 error against the float64 truth
+    assert 0 < rows['reference']['max_rel_err'] <= benchmark.TOLERANCES['float32'][1]
+
+
+def test_gate_measures_against_float64_truth():
+    """The gate's truth is the explicit formula in float64: a float32 candidate has a small, nonzero error and the
+    tolerance grows with the explicit formula's own float32 error (not with the candidate's)."""
+    torch.manual_seed(0)
+    base = PerViT(**MICRO)
+    x = torch.randn(2, 3, 64, 64)
+    y = torch.tensor([1, 2])
+    cands = benchmark.parse_candidates(['eager'])
+    ref = benchmark._Runner(cands[0], base, x, y, 'train')
+    gate = benchmark.CorrectnessGate(ref)
+    out64, grads64 = gate.truth
+    assert out64.dtype == torch.float64 and all(g.dtype == torch.float64 for g in grads64.values())
+    assert set(grads64) == {n for n, _ in base.named_parameters()}
+    own = gate.reference_errors(False)
+    assert 0 < own['output'] < 1e-5 and max(own.values()) < benchmark.TOLERANCES['float32'][1]
+    err = gate.check(benchmark._Runner(cands[1], base, x, y, 'train'))
+    assert 0 < err < benchmark.TOLERANCES['float32'][1]
+    # the reference's weights were not touched by the float64 run
+    assert all(p.dtype == torch.float32 for p in ref.model.parameters())

@@ -272,7 +272,9 @@ class _Runner:
         _sync(self.device)
 
     def grads(self) -> Dict[str, torch.Tensor]:
-        return {n: p.grad.detach().float().clone() for n, p in self.model.named_parameters() if p.grad is not None}
+        return {
+            n: p.grad.detach().to(torch.promote_types(p.grad.dtype, torch.float32), copy=True)
+            for n, p in self.model.named_parameters() if p.grad is not None}
 
 
 def _rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
