@@ -163,3 +163,19 @@ def test_gate_measures_against_float64_truth():
     assert 0 < err < benchmark.TOLERANCES['float32'][1]
     # the reference's weights were not touched by the float64 run
     assert all(p.dtype == torch.float32 for p in ref.model.parameters())
+
+
+def test_float32_gate_option(capsys):
+    """--gate-float32 checks against the float32 reference (no float64 copy) and still refuses a wrong candidate."""
+    torch.manual_seed(0)
+    base = PerViT(**MICRO)
+    x = torch.randn(2, 3, 64, 64)
+    y = torch.tensor([1, 2])
+    cands = benchmark.parse_candidates(['eager'])
+    ref = benchmark._Runner(cands[0], base, x, y, 'train')
+    gate = benchmark.CorrectnessGate(ref, float64=False)
+    assert gate.truth[0].dtype == torch.float32 and max(gate.reference_errors(False).values()) == 0
+    assert gate.check(benchmark._Runner(cands[1], base, x, y, 'train')) < benchmark.TOLERANCES['float32'][1]
+    rc = benchmark.main(['--model', '_test_broken_pervit', '--model-kwargs', MICRO_JSON, '--gate-float32', *FAST])
+    assert rc == 1
+    assert 'against the float32 result' in capsys.readouterr().err

@@ -319,11 +319,16 @@ class CorrectnessGate:
     output's and, in training, every parameter gradient's) may be at most ``TOLERANCES`` plus twice the error the
     explicit formula itself makes in the candidate's precision (float32, or bfloat16 autocast for ``amp``
     candidates) -- an honest reordering passes, a wrong computation (errors of order one) cannot.
+
+    With ``float64=False`` the truth is the reference's own run in its dtype (no float64 copy: half the memory, for
+    sizes where the float64 run does not fit); then only ``TOLERANCES`` (and for ``amp`` candidates twice the
+    explicit formula's own bfloat16 error) separate a candidate from the reference's rounding.
     """
 
-    def __init__(self, reference: _Runner):
+    def __init__(self, reference: _Runner, float64: bool = True):
         self.reference = reference
-        if reference.x.dtype == torch.float64:
+        self.float64 = float64 or reference.x.dtype == torch.float64
+        if not self.float64 or reference.x.dtype == torch.float64:
             self.truth = _run_restoring(reference, amp=False)
         else:
             r64 = _Runner(reference.cand, reference.model, reference.x.double(), reference.y, reference.mode)
@@ -333,9 +338,9 @@ class CorrectnessGate:
         self._own_errors: Dict[bool, Dict[str, float]] = {}
 
     def reference_errors(self, amp: bool) -> Dict[str, float]:
-        """The explicit formula's own errors against the float64 truth, in float32 (or bfloat16 autocast)."""
+        """The explicit formula's own errors against the truth, in float32 (or bfloat16 autocast)."""
         if amp not in self._own_errors:
-            if not amp and self.reference.x.dtype == torch.float64:
+            if not amp and (self.reference.x.dtype == torch.float64 or not self.float64):
                 self._own_errors[amp] = {k: 0. for k in _errors(*self.truth, *self.truth)}
             else:
                 self._own_errors[amp] = _errors(*_run_restoring(self.reference, amp=amp), *self.truth)
@@ -357,10 +362,12 @@ class CorrectnessGate:
         allowed = {k: (out_tol if k == 'output' else grad_tol) + 2 * own.get(k, 0.) for k in errs}
         what = max(errs, key=lambda k: errs[k] / allowed[k])
         if not errs[what] <= allowed[what]:
+            truth = 'float64' if self.float64 else str(self.reference.x.dtype).replace('torch.', '')
             raise CorrectnessError(
                 f'candidate {runner.cand.name!r} ({runner.mode}) disagrees with the explicit official formula: '
-                f'relative error of the {what} is {errs[what]:.3g} against the float64 result, tolerance '
-                f'{allowed[what]:.3g} for {runner.compute_dtype} (the explicit formula itself: {own.get(what, 0.):.3g}). '
+                f'relative error of the {what} is {errs[what]:.3g} against the {truth} result, tolerance '
+                f'{allowed[what]:.3g} for {runner.compute_dtype} (the explicit formula itself: '
+                f'{own.get(what, 0.):.3g}). '
                 f'Its timings would be meaningless, so the benchmark stops; fix the model (or the candidate) first.')
         return max(errs.values())
 
@@ -411,8 +418,12 @@ def run_benchmark(
         rooflines: Optional[Dict[torch.dtype, float]] = None,
         progress: bool = True,
         seed: int = 0,
+        gate_float64: bool = True,
 ) -> List[BenchmarkResult]:
     """Benchmark ``candidates`` (the first must be the reference) on one input size in one mode.
+
+    ``gate_float64=False`` checks the candidates against the reference's own float32 run instead of a float64 one
+    (see ``CorrectnessGate``).
 
     Raises:
         CorrectnessError: When a candidate disagrees with the reference.
@@ -428,7 +439,7 @@ def run_benchmark(
     n_params = sum(p.numel() for p in base.parameters())
 
     # correctness gate (it is also the first warm-up call, which compiles the compiled candidates)
-    gate = CorrectnessGate(runners[0])
+    gate = CorrectnessGate(runners[0], float64=gate_float64)
     for runner, res in zip(runners, results):
         t = time.perf_counter()
         res.max_rel_err = max(gate.reference_errors(False).values()) if runner.cand.reference else gate.check(runner)
@@ -546,6 +557,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument('--json', default='', metavar='PATH', help='also write the results as JSON ("-": stdout only)')
     p.add_argument('--no-progress', action='store_true', help='no progress bar on stderr')
     p.add_argument('--no-roofline', action='store_true', help='skip timing the GEMM roofline')
+    p.add_argument('--gate-float32', action='store_true',
+                   help='check candidates against the float32 reference instead of a float64 run of it (the float64 '
+                        'run needs about twice the reference\'s step memory)')
     return p
 
 
@@ -580,7 +594,8 @@ def main(argv: Optional[List[str]] = None) -> int:
             for size in args.img_size:
                 results += run_benchmark(
                     base, candidates, size, args.batch_size, mode, device, warmup=args.warmup, iters=args.iters,
-                    rooflines=rooflines, progress=not args.no_progress, seed=args.seed)
+                    rooflines=rooflines, progress=not args.no_progress, seed=args.seed,
+                    gate_float64=not args.gate_float32)
     except CorrectnessError as e:
         print(f'error: correctness check failed: {e}', file=sys.stderr)
         return 1
