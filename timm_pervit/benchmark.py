@@ -327,8 +327,8 @@ class CorrectnessGate:
 
     def __init__(self, reference: _Runner, float64: bool = True):
         self.reference = reference
-        self.float64 = float64 or reference.x.dtype == torch.float64
-        if not self.float64 or reference.x.dtype == torch.float64:
+        self.truth_dtype = torch.float64 if float64 else reference.x.dtype
+        if self.truth_dtype == reference.x.dtype:  # the reference's own run is the truth
             self.truth = _run_restoring(reference, amp=False)
         else:
             r64 = _Runner(reference.cand, reference.model, reference.x.double(), reference.y, reference.mode)
@@ -340,7 +340,7 @@ class CorrectnessGate:
     def reference_errors(self, amp: bool) -> Dict[str, float]:
         """The explicit formula's own errors against the truth, in float32 (or bfloat16 autocast)."""
         if amp not in self._own_errors:
-            if not amp and (self.reference.x.dtype == torch.float64 or not self.float64):
+            if not amp and self.truth_dtype == self.reference.x.dtype:
                 self._own_errors[amp] = {k: 0. for k in _errors(*self.truth, *self.truth)}
             else:
                 self._own_errors[amp] = _errors(*_run_restoring(self.reference, amp=amp), *self.truth)
@@ -362,7 +362,7 @@ class CorrectnessGate:
         allowed = {k: (out_tol if k == 'output' else grad_tol) + 2 * own.get(k, 0.) for k in errs}
         what = max(errs, key=lambda k: errs[k] / allowed[k])
         if not errs[what] <= allowed[what]:
-            truth = 'float64' if self.float64 else str(self.reference.x.dtype).replace('torch.', '')
+            truth = str(self.truth_dtype).replace('torch.', '')
             raise CorrectnessError(
                 f'candidate {runner.cand.name!r} ({runner.mode}) disagrees with the explicit official formula: '
                 f'relative error of the {what} is {errs[what]:.3g} against the {truth} result, tolerance '
