@@ -96,17 +96,23 @@ def test_correctness_gate_rejects_wrong_candidate(capsys):
     assert 'correctness check failed' in err and "'eager'" in err and 'relative error of the output' in err
 
 
-def test_correctness_gate_checks_gradients():
-    """In training the gate compares gradients too: a candidate with different weights fails."""
+def _train_runners():
+    """The reference runner of a micro model in training, and a factory of 'eager' runners on the same weights."""
     torch.manual_seed(0)
     base = PerViT(**MICRO)
     x = torch.randn(2, 3, 64, 64)
     y = torch.tensor([1, 2])
-    cands = benchmark.parse_candidates(['eager'])
-    ref = benchmark._Runner(cands[0], base, x, y, 'train')
-    good = benchmark._Runner(cands[1], base, x, y, 'train')
+    ref_cand, eager_cand = benchmark.parse_candidates(['eager'])
+    reference = benchmark._Runner(ref_cand, base, x, y, 'train')
+    return base, reference, lambda: benchmark._Runner(eager_cand, base, x, y, 'train')
+
+
+def test_correctness_gate_checks_gradients():
+    """In training the gate compares gradients too: a candidate with different weights fails."""
+    _, ref, eager = _train_runners()
+    good = eager()
     assert benchmark.check_candidate(good, ref) < benchmark.TOLERANCES['float32'][1]
-    bad = benchmark._Runner(cands[1], base, x, y, 'train')
+    bad = eager()
     with torch.no_grad():
         bad.model.blocks[3].mlp.fc1.weight.mul_(1.5)
     with pytest.raises(benchmark.CorrectnessError, match="'eager' \\(train\\)"):
@@ -147,19 +153,14 @@ def test_compiled_candidate_passes_the_gate(tmp_path):
 def test_gate_measures_against_float64_truth():
     """The gate's truth is the explicit formula in float64: a float32 candidate has a small, nonzero error and the
     tolerance grows with the explicit formula's own float32 error (not with the candidate's)."""
-    torch.manual_seed(0)
-    base = PerViT(**MICRO)
-    x = torch.randn(2, 3, 64, 64)
-    y = torch.tensor([1, 2])
-    cands = benchmark.parse_candidates(['eager'])
-    ref = benchmark._Runner(cands[0], base, x, y, 'train')
+    base, ref, eager = _train_runners()
     gate = benchmark.CorrectnessGate(ref)
     out64, grads64 = gate.truth
     assert out64.dtype == torch.float64 and all(g.dtype == torch.float64 for g in grads64.values())
     assert set(grads64) == {n for n, _ in base.named_parameters()}
     own = gate.reference_errors(False)
     assert 0 < own['output'] < 1e-5 and max(own.values()) < benchmark.TOLERANCES['float32'][1]
-    err = gate.check(benchmark._Runner(cands[1], base, x, y, 'train'))
+    err = gate.check(eager())
     assert 0 < err < benchmark.TOLERANCES['float32'][1]
     # the reference's weights were not touched by the float64 run
     assert all(p.dtype == torch.float32 for p in ref.model.parameters())
@@ -167,15 +168,10 @@ def test_gate_measures_against_float64_truth():
 
 def test_float32_gate_option(capsys):
     """--gate-float32 checks against the float32 reference (no float64 copy) and still refuses a wrong candidate."""
-    torch.manual_seed(0)
-    base = PerViT(**MICRO)
-    x = torch.randn(2, 3, 64, 64)
-    y = torch.tensor([1, 2])
-    cands = benchmark.parse_candidates(['eager'])
-    ref = benchmark._Runner(cands[0], base, x, y, 'train')
+    _, ref, eager = _train_runners()
     gate = benchmark.CorrectnessGate(ref, float64=False)
     assert gate.truth[0].dtype == torch.float32 and max(gate.reference_errors(False).values()) == 0
-    assert gate.check(benchmark._Runner(cands[1], base, x, y, 'train')) < benchmark.TOLERANCES['float32'][1]
+    assert gate.check(eager()) < benchmark.TOLERANCES['float32'][1]
     rc = benchmark.main(['--model', '_test_broken_pervit', '--model-kwargs', MICRO_JSON, '--gate-float32', *FAST])
     assert rc == 1
     assert 'against the float32 result' in capsys.readouterr().err
