@@ -30,7 +30,7 @@ MICRO = dict(embed_dims=(16, 24, 32, 40), stem_dims=(8, 8, 16, 16), num_heads=2)
 
 def fresh_eval(model: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
     ref = copy.deepcopy(model).eval()
-    ref.pos_embed.clear_cache()
+    ref.pos_attn.clear_cache()
     with torch.no_grad():
         return ref(x)
 

@@ -13,7 +13,8 @@ from safetensors.torch import load_file
 
 from timm_pervit import PERVIT_VARIANTS
 from timm_pervit.convert import convert_checkpoint, load_checkpoint, main, push_folder, to_official
-from timm_pervit.pervit import _PAPER_RESULTS, convert_official
+from timm_pervit.paper import PAPER_RESULTS
+from timm_pervit.pervit import official_to_timm as convert_official
 
 from .conftest import FIXTURES
 
@@ -60,7 +61,7 @@ def test_converted_folder(pervit_hub_root, pervit_tiny_official):
     assert meta['library_name'] == 'timm' and meta['license'] == 'apache-2.0'
     assert 'imagenet-1k' in meta['datasets'] and 'timm' in meta['tags'] and meta['metrics'] == ['accuracy']
     top1 = meta['model-index'][0]['results'][0]['metrics'][0]
-    assert top1['value'] == _PAPER_RESULTS['pervit_tiny'][0] and 'top-1' in top1['name']
+    assert top1['value'] == PAPER_RESULTS['pervit_tiny'][0] and 'top-1' in top1['name']
     assert f'{result.num_params:,}' in card and f'{result.gmacs:.3f}' in card
     assert "timm.create_model('hf-hub:timm-pervit/pervit_tiny.in1k', pretrained=True)" in card
     assert '@inproceedings{min2022peripheral' in card

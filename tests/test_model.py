@@ -161,7 +161,7 @@ def test_prune_intermediate_layers():
         ref = model.forward_intermediates(x, indices=[1, 3], intermediates_only=True)
     kept = model.prune_intermediate_layers([1, 3])
     assert kept == [1, 3]
-    assert len(model.blocks) == 4 and len(model.pos_embed.blocks) == 4
+    assert len(model.blocks) == 4 and len(model.pos_attn.blocks) == 4
     assert isinstance(model.head, nn.Identity)
     with torch.no_grad():
         out = model.forward_intermediates(x, indices=[1, 3], intermediates_only=True)
@@ -270,7 +270,7 @@ def test_drop_rates_and_drop_path_schedule():
 
 def test_peripheral_initialization():
     model = make_micro()
-    pos = model.pos_embed
+    pos = model.pos_attn
     assert torch.all(pos.dist_proj.weight == -0.02) and torch.all(pos.dist_proj.bias == 0)
     for i, blk in enumerate(pos.blocks):
         assert torch.all(blk.conv1.weight == 0.02) and torch.all(blk.conv2.weight == 0.02)
@@ -284,7 +284,7 @@ def test_peripheral_initialization():
     assert torch.all(big.blocks[0].mlp.fc1.bias == 0) and torch.all(big.norm.weight == 1)
     # deeper blocks start out more global: the initial position attention spreads further
     phi = model.position_attention(6)
-    dist = model.pos_embed.distances(6, 6)[:, 0, 2:-2, 2:-2].reshape(36, 36)
+    dist = model.pos_attn.distances(6, 6)[:, 0, 2:-2, 2:-2].reshape(36, 36)
     spread = [((p * dist).sum(-1) / p.sum(-1)).mean().item() for p in phi]
     assert spread[-1] > spread[0]
 
@@ -312,8 +312,8 @@ def test_group_matcher_and_no_weight_decay():
     assert sorted(sum(groups.values(), [])) == sorted(names)  # every parameter in a group
     group_of = {n: g for g, ns in groups.items() for n in ns}
     for i in range(12):  # a block and its position encoder share one layer-decay group
-        assert group_of[f'blocks.{i}.attn.qkv.weight'] == group_of[f'pos_embed.blocks.{i}.conv2.weight']
-    assert group_of['stem.0.conv.weight'] == group_of['pos_embed.dist_proj.weight'] == 0
+        assert group_of[f'blocks.{i}.attn.qkv.weight'] == group_of[f'pos_attn.blocks.{i}.conv2.weight']
+    assert group_of['stem.0.conv.weight'] == group_of['pos_attn.dist_proj.weight'] == 0
     assert 0 < group_of['blocks.0.norm1.weight'] < group_of['blocks.11.norm1.weight'] <= group_of['norm.weight']
     nwd = model.no_weight_decay()
     assert nwd and nwd <= set(names)
@@ -376,8 +376,8 @@ def test_cpu_training_attention_matches_explicit_formula(dtype):
         out = model(x)
         nn.functional.cross_entropy(out, target).backward()
         outs.append(out)
-    assert '_PeripheralSdpaCpuBackward' in _autograd_node_names(outs[0])
-    assert '_PeripheralSdpaCpuBackward' not in _autograd_node_names(outs[1])
+    assert 'PeripheralSdpaCpuBackward' in _autograd_node_names(outs[0])
+    assert 'PeripheralSdpaCpuBackward' not in _autograd_node_names(outs[1])
     tol = dict(rtol=1e-9, atol=1e-11) if dtype == torch.float64 else dict(rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(outs[0], outs[1], **tol)
     grads = dict(explicit.named_parameters())
@@ -389,25 +389,25 @@ def test_cpu_training_attention_matches_explicit_formula(dtype):
 def test_cpu_training_attention_function_gradcheck():
     """The custom CPU attention function passes gradcheck (q, k, v and a broadcast mask, non-contiguous inputs) and
     gives float32 gradients under bfloat16 autocast close to the float32 ones."""
-    from timm_pervit.pervit import _PeripheralSdpaCpu
+    from timm_pervit._attention import PeripheralSdpaCpu
     torch.manual_seed(0)
     q, k, v = (torch.randn(2, 5, 3, 4, dtype=torch.float64).transpose(1, 2).requires_grad_() for _ in range(3))
     mask = torch.randn(1, 3, 5, 5, dtype=torch.float64, requires_grad=True)
     assert not q.is_contiguous()
-    assert torch.autograd.gradcheck(lambda *a: _PeripheralSdpaCpu.apply(*a, 0.7), (q, k, v, mask))
+    assert torch.autograd.gradcheck(lambda *a: PeripheralSdpaCpu.apply(*a, 0.7), (q, k, v, mask))
     # the backward works through the batch in chunks (one sample here, 3 samples in a chunk, an uneven tail)
     q3, k3, v3 = (torch.randn(7, 3, 5, 4, dtype=torch.float64, requires_grad=True) for _ in range(3))
     for chunk_bytes in (1, 3 * 3 * 5 * 5 * 8):
         with pytest.MonkeyPatch.context() as mp:
-            mp.setattr(_PeripheralSdpaCpu, 'chunk_bytes', chunk_bytes)
-            assert torch.autograd.gradcheck(lambda *a: _PeripheralSdpaCpu.apply(*a, 0.7), (q3, k3, v3, mask))
+            mp.setattr(PeripheralSdpaCpu, 'chunk_bytes', chunk_bytes)
+            assert torch.autograd.gradcheck(lambda *a: PeripheralSdpaCpu.apply(*a, 0.7), (q3, k3, v3, mask))
 
     inputs = [t.detach().float().requires_grad_() for t in (q, k, v, mask)]
-    _PeripheralSdpaCpu.apply(*inputs, 0.7).sum().backward()
+    PeripheralSdpaCpu.apply(*inputs, 0.7).sum().backward()
     ref = [t.grad for t in inputs]
     inputs = [t.detach().float().requires_grad_() for t in (q, k, v, mask)]
     with torch.autocast('cpu', dtype=torch.bfloat16):
-        out = _PeripheralSdpaCpu.apply(*(t.to(torch.bfloat16) for t in inputs), 0.7)
+        out = PeripheralSdpaCpu.apply(*(t.to(torch.bfloat16) for t in inputs), 0.7)
         assert out.dtype == torch.bfloat16
         out.float().sum().backward()
     for t, r in zip(inputs, ref):

@@ -9,19 +9,19 @@ from .conftest import make_micro
 
 def _fresh(model, x):
     """Reference output: the same weights, position attention recomputed from scratch (cache cleared)."""
-    model.pos_embed.clear_cache()
+    model.pos_attn.clear_cache()
     with torch.no_grad():
         return model(x)
 
 
 def _cache_entries(model):
-    return len(model.pos_embed._cache)
+    return len(model.pos_attn._cache)
 
 
 def test_cached_once_per_grid_and_reused():
     model = make_micro().eval()
     calls = []
-    model.pos_embed.compute = (lambda f: (lambda *a, **k: calls.append(a[:2]) or f(*a, **k)))(model.pos_embed.compute)
+    model.pos_attn.compute = (lambda f: (lambda *a, **k: calls.append(a[:2]) or f(*a, **k)))(model.pos_attn.compute)
     x = torch.randn(2, 3, 64, 64)
     with torch.no_grad():
         out1 = model(x)
@@ -40,11 +40,11 @@ def test_cache_matches_recompute_and_training_bypasses_it():
         cached = model(x)
     torch.testing.assert_close(cached, _fresh(model, x), rtol=0, atol=0)
     model.train()
-    model.pos_embed.clear_cache()
+    model.pos_attn.clear_cache()
     out = model(x)  # training with grad: recomputed with gradients, nothing cached
     assert _cache_entries(model) == 0
     out.sum().backward()
-    grads = {n: p.grad for n, p in model.pos_embed.named_parameters()}
+    grads = {n: p.grad for n, p in model.pos_attn.named_parameters()}
     assert all(g is not None for g in grads.values())
     # biases feeding a GroupNorm get exactly zero gradient; every weight must get a real one
     assert all(g.abs().sum() > 0 for n, g in grads.items() if n.endswith('weight'))
@@ -81,7 +81,7 @@ def test_not_stale_after_position_only_update_in_no_grad_training_mode():
     with torch.no_grad():
         before = model(x)
         assert _cache_entries(model) == 1
-        model.pos_embed.blocks[5].norm2.bias.add_(3.0)
+        model.pos_attn.blocks[5].norm2.bias.add_(3.0)
         after = model(x)
     assert not torch.allclose(after, before)
     torch.testing.assert_close(after, _fresh(model, x), rtol=0, atol=0)
@@ -104,7 +104,7 @@ def test_not_stale_after_dtype_and_device_moves():
         ref32 = model(x)
         model.double()
         out64 = model(x.double())
-        assert all(t.dtype == torch.float64 for v in model.pos_embed._cache.values() for t in v)
+        assert all(t.dtype == torch.float64 for v in model.pos_attn._cache.values() for t in v)
         model.float()
         out32 = model(x)
         model.to('meta')
@@ -121,12 +121,12 @@ def test_not_stale_in_deep_copies_and_with_autocast():
         model(x)
         ema = copy.deepcopy(model)
         with torch.no_grad():
-            for p in ema.pos_embed.parameters():
+            for p in ema.pos_attn.parameters():
                 p.mul_(0.5)
         torch.testing.assert_close(ema(x), _fresh(ema, x), rtol=0, atol=0)
         with torch.autocast('cpu', dtype=torch.bfloat16):
             amp = model(x)
-        assert {k[4] for k in model.pos_embed._cache} == {None, torch.bfloat16}
+        assert {k[4] for k in model.pos_attn._cache} == {None, torch.bfloat16}
         torch.testing.assert_close(model(x), _fresh(model, x), rtol=0, atol=0)
     assert amp.dtype == torch.bfloat16
 

@@ -44,7 +44,7 @@ def train_py_create_model(name: str, **overrides) -> torch.nn.Module:
 def fresh_eval(model: PerViT, x: torch.Tensor) -> torch.Tensor:
     """Eval output of an independent copy with its position-attention cache emptied (the ground truth)."""
     ref = copy.deepcopy(model).eval()
-    ref.pos_embed.clear_cache()
+    ref.pos_attn.clear_cache()
     with torch.no_grad():
         return ref(x)
 
@@ -144,12 +144,12 @@ def test_layer_decay_and_weight_decay_groups():
     depth = len(model.blocks)
     block_scale = []
     for i in range(depth):
-        scales = {s for n, (s, _) in groups.items() if n.startswith((f'blocks.{i}.', f'pos_embed.blocks.{i}.'))}
+        scales = {s for n, (s, _) in groups.items() if n.startswith((f'blocks.{i}.', f'pos_attn.blocks.{i}.'))}
         assert len(scales) == 1, f'block {i} and its position encoder must share one lr scale, got {scales}'
         block_scale.append(scales.pop())
     for a, b in zip(block_scale, block_scale[1:]):
         assert b == pytest.approx(a / 0.65)  # one layer-decay step per block
-    stem = [s for n, (s, _) in groups.items() if n.startswith(('stem.', 'pos_embed.dist_proj.'))]
+    stem = [s for n, (s, _) in groups.items() if n.startswith(('stem.', 'pos_attn.dist_proj.'))]
     assert stem == [pytest.approx(block_scale[0] * 0.65)] * len(stem)
     assert groups['head.weight'][0] == 1.0 and groups['norm.weight'][0] >= block_scale[-1]
     # weight decay: matrices and convs decay; biases, norms and the distance embedding (no_weight_decay) do not
@@ -157,7 +157,7 @@ def test_layer_decay_and_weight_decay_groups():
         param = model.get_parameter(name)
         exempt = param.ndim <= 1 or name in model.no_weight_decay()
         assert wd == (0.0 if exempt else 0.05), name
-    assert groups['pos_embed.dist_proj.weight'][1] == 0.0
+    assert groups['pos_attn.dist_proj.weight'][1] == 0.0
     loss = model(torch.randn(2, 3, 32, 32)).logsumexp(-1).mean()
     loss.backward()
     opt.step()

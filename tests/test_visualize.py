@@ -143,7 +143,7 @@ def test_cli_with_checkpoint_file(tmp_path):
     import timm
     model = timm.create_model('pervit_tiny', num_classes=10)
     with torch.no_grad():
-        for blk in model.pos_embed.blocks:  # make every head different from the initialization
+        for blk in model.pos_attn.blocks:  # make every head different from the initialization
             blk.norm2.bias.copy_(torch.linspace(-3, 3, blk.norm2.bias.numel()))
     save_file(model.state_dict(), str(tmp_path / 'w.safetensors'))
     expected = non_locality(model.position_attention((4, 6)), (4, 6))

@@ -8,7 +8,8 @@ from .pervit import (
     PERVIT_VARIANTS,
     PerViT,
     checkpoint_filter_fn,
-    infer_variant,
+    official_to_timm,
+    timm_to_official,
 )
 from .flops import count_gmacs
 from .hub import PretrainedWeightsError
@@ -17,5 +18,5 @@ __version__ = '0.1.0'
 
 __all__ = [
     'HF_HUB_NAMESPACE', 'MIN_INPUT_SIZE', 'PERVIT_VARIANTS', 'PerViT', 'PretrainedWeightsError', 'checkpoint_filter_fn',
-    'count_gmacs', 'infer_variant', '__version__',
+    'count_gmacs', 'official_to_timm', 'timm_to_official', '__version__',
 ]

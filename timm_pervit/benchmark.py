@@ -387,8 +387,8 @@ def check_candidate(runner: _Runner, reference: _Runner, gate: Optional[Correctn
 def _position_build_seconds(model: PerViT, h: int, w: int) -> float:
     """Time to build the position attention of all blocks with its backward, as a training step does."""
     t = time.perf_counter()
-    sum(p.sum() for p in model.pos_embed.compute(h, w)).backward()
-    _sync(model.pos_embed.dist_proj.weight.device)
+    sum(p.sum() for p in model.pos_attn.compute(h, w)).backward()
+    _sync(model.pos_attn.dist_proj.weight.device)
     elapsed = time.perf_counter() - t
     model.zero_grad(set_to_none=True)
     return elapsed

@@ -13,16 +13,16 @@ are converted with ``checkpoint_filter_fn`` and loaded strictly into the timm mo
 ``model.safetensors`` + ``config.json`` (timm's ``save_for_hf``) and a ``README.md`` model card; it is written to a
 temporary folder and moved into place only when everything (including ``--verify``) succeeded.
 
-``--verify`` reloads the written folder through ``timm.create_model('local-dir:...', pretrained=True)`` (fused
-attention) and compares its logits with the original checkpoint run through the official attention formula
+``--verify`` reloads the written files through timm's pretrained loading (``pretrained_cfg_overlay=dict(file=...)``,
+fused attention) and compares its logits with the original checkpoint run through the official attention formula
 (``fused_attn=False`` in every block, weights from the raw official dict).
 
 Written for timm by the timm-pervit authors. Apache-2.0.
 """
 import argparse
+import json
 import logging
 import os
-import pickle
 import shutil
 import sys
 import uuid
@@ -33,14 +33,15 @@ from typing import Any, Dict, List, Optional, Union
 import torch
 
 import timm
-from timm.models import clean_state_dict, save_for_hf
 
+from .checkpoint_io import load_checkpoint, state_dict_of
 from .flops import count_gmacs
 from .hub import model_card
-from .pervit import HF_HUB_NAMESPACE, PERVIT_VARIANTS, checkpoint_filter_fn, infer_variant
+from .pervit import (
+    HF_HUB_NAMESPACE, PERVIT_VARIANTS, checkpoint_filter_fn, is_official_layout, official_to_timm, timm_to_official)
 
 __all__ = [
-    'ConversionResult', 'load_checkpoint', 'to_official', 'convert_checkpoint', 'verify_folder',
+    'ConversionResult', 'load_checkpoint', 'infer_variant', 'to_official', 'convert_checkpoint', 'verify_folder',
     'push_folder', 'main',
 ]
 
@@ -68,98 +69,32 @@ class ConversionResult:
         return line + (f' published={self.repo_url}' if self.repo_url else '')
 
 
-def load_checkpoint(path: PathLike) -> Dict[str, torch.Tensor]:
-    """Load the state dict of an official PerViT checkpoint (or any PerViT state dict file) safely.
-
-    Args:
-        path: A ``.pth``/``.pt``/``.bin`` torch file (training checkpoint with the weights under 'model',
-            'state_dict' or 'model_ema', or a bare state dict) or a ``.safetensors`` file.
-
-    Returns:
-        The tensors of the state dict (non-tensor entries dropped, 'module.' prefixes removed).
-
-    Raises:
-        FileNotFoundError: ``path`` does not exist.
-        ValueError: The file needs pickled objects other than tensors/containers/argparse.Namespace (never loaded:
-            no pickled code runs), cannot be read, or holds no tensors.
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f'Checkpoint not found: {path}')
-    if path.suffix == '.safetensors':
-        import safetensors.torch
-        try:
-            checkpoint: Any = safetensors.torch.load_file(str(path), device='cpu')
-        except Exception as e:
-            raise ValueError(f'Cannot read {path} as safetensors ({e}); the file is truncated or not safetensors.')
-    else:
-        try:
-            with torch.serialization.safe_globals([argparse.Namespace]):
-                checkpoint = torch.load(str(path), map_location='cpu', weights_only=True)
-        except pickle.UnpicklingError as e:
-            unsafe = ''
-            try:
-                unsafe = ', '.join(torch.serialization.get_unsafe_globals_in_checkpoint(str(path)))
-            except Exception:
-                pass
-            raise ValueError(
-                f'Refused to load {path}: it contains pickled objects that are not plain tensors or containers'
-                f'{f" ({unsafe})" if unsafe else ""}, and loading them could run arbitrary code. An official PerViT '
-                f'checkpoint only holds tensors, numbers and an argparse.Namespace, so this file is not one (or was '
-                f'modified). Only if you fully trust it, re-save its state dict with torch.save(sd, ...) from a '
-                f'trusted session and convert that.') from e
-        except (RuntimeError, EOFError) as e:
-            raise ValueError(f'Cannot read {path} as a torch checkpoint ({e}); the file is truncated or corrupted.')
-    return _state_dict_of(checkpoint, str(path))
+def infer_variant(state_dict: Dict[str, torch.Tensor]) -> Optional[str]:
+    """Name the released variant whose architecture matches a (timm-layout or official) state dict, if any."""
+    if is_official_layout(state_dict):
+        state_dict = official_to_timm(state_dict)
+    for name, arch in PERVIT_VARIANTS.items():
+        heads = arch['num_heads']
+        dims = arch['embed_dims']
+        if (state_dict.get('pos_attn.dist_proj.weight', torch.empty(0)).shape == (4 * heads, 1)
+                and state_dict.get('blocks.0.attn.qkv.weight', torch.empty(0)).shape == (3 * dims[0], dims[0])
+                and state_dict.get('norm.weight', torch.empty(0)).shape == (dims[-1],)
+                and state_dict.get('stem.0.conv.weight', torch.empty(0)).shape[:1] == (arch['stem_dims'][0],)):
+            return name
+    return None
 
 
-def _state_dict_of(checkpoint: Any, name: str) -> Dict[str, torch.Tensor]:
-    """The tensors of a training checkpoint ('model' / 'state_dict' / 'model_ema') or of a bare state dict."""
-    if isinstance(checkpoint, dict):
-        for key in ('model', 'state_dict', 'model_ema'):
-            if isinstance(checkpoint.get(key), dict):
-                checkpoint = checkpoint[key]
-                break
-    if not isinstance(checkpoint, dict):
-        raise ValueError(f'{name} holds a {type(checkpoint).__name__}, not a state dict or a training checkpoint.')
-    state_dict = {k: v for k, v in clean_state_dict(checkpoint).items() if isinstance(v, torch.Tensor)}
-    if not state_dict:
-        raise ValueError(f'{name} holds no tensors: expected a PerViT state dict or {{"model": state_dict, ...}}.')
-    return state_dict
+#: Rename timm_pervit keys to the official layout (to run converted weights with the official code).
+to_official = timm_to_official
 
 
-def to_official(state_dict: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
-    """Rename the keys of a timm_pervit state dict to the official PerViT layout (inverse of ``convert_official``).
-
-    Useful to run converted weights with the official code, or to build official-layout test checkpoints.
-    """
-    n_stem = max(int(k.split('.')[1]) for k in state_dict if k.startswith('stem.'))  # index of the final 1x1 conv
-    out = {}
-    for k, v in state_dict.items():
-        parts = k.split('.')
-        if parts[0] == 'stem':
-            i = int(parts[1])
-            if i == n_stem:
-                new = 'conv_layers.conv1x1.' + '.'.join(parts[2:])
-            else:
-                j = '0' if parts[2] == 'conv' else '1'
-                new = f'conv_layers.conv_layers.{i}.{j}.' + '.'.join(parts[3:])
-        elif k.startswith('pos_embed.dist_proj.'):
-            new = 'rpe_proj.' + k[len('pos_embed.dist_proj.'):]
-        elif k.startswith('pos_embed.blocks.'):
-            i, rest = parts[2], '.'.join(parts[3:])
-            rest = rest.replace('norm1.', 'gn1.').replace('norm2.', 'gn2.')
-            new = f'blocks.{i}.attn.activation.{rest}'
-        elif parts[0] == 'blocks':
-            i, rest = parts[1], '.'.join(parts[2:])
-            rest = (rest.replace('attn.qkv.', 'attn.to_qkv.')
-                    .replace('dwconv.', 'conv.proj.')
-                    .replace('shortcut.', 'res_path.'))
-            new = f'blocks.{i}.{rest}'
-        else:
-            new = k
-        out[new] = v
-    return out
+def _save_for_hf(model: torch.nn.Module, folder: Path) -> None:
+    """timm's ``save_for_hf`` (public in ``timm.models`` from timm 1.0.16, in ``timm.models._hub`` before)."""
+    try:
+        from timm.models import save_for_hf
+    except ImportError:
+        from timm.models._hub import save_for_hf
+    save_for_hf(model, folder, safe_serialization=True)
 
 
 def _empty_model(variant: str, **kwargs: Any) -> torch.nn.Module:
@@ -197,7 +132,11 @@ def verify_folder(
     """Max abs logit difference between a converted folder (loaded by timm, fused attention) and the original
     checkpoint run through the official formula, on seeded random images."""
     x = torch.randn(batch_size, 3, img_size, img_size, generator=torch.Generator().manual_seed(seed))
-    model = timm.create_model(f'local-dir:{Path(folder).resolve()}', pretrained=True).eval()
+    # timm's pretrained path with the written files (what `local-dir:` does on timm >= 1.0.16, on every timm)
+    config = json.loads((Path(folder) / 'config.json').read_text())
+    model = timm.create_model(
+        config['architecture'], pretrained=True, num_classes=config['num_classes'],
+        pretrained_cfg_overlay=dict(file=str(Path(folder) / 'model.safetensors'))).eval()
     with torch.no_grad():
         out = model(x)
     ref = _reference_logits(state_dict, variant, model.num_classes, x)
@@ -271,14 +210,14 @@ def convert_checkpoint(
     if push_to_hub:
         token = _get_token(token)  # fail before the work, not after it
     if isinstance(checkpoint, dict):
-        state_dict = _state_dict_of(checkpoint, 'the checkpoint')
+        state_dict = state_dict_of(checkpoint)
     else:
         _logger.info(f'Loading {checkpoint} (weights_only=True)')
         state_dict = load_checkpoint(checkpoint)
     if variant is None:
         variant = infer_variant(state_dict)
         if variant is None:
-            shapes = {k: tuple(state_dict[k].shape) for k in ('rpe_proj.weight', 'pos_embed.dist_proj.weight',
+            shapes = {k: tuple(state_dict[k].shape) for k in ('rpe_proj.weight', 'pos_attn.dist_proj.weight',
                                                                'norm.weight') if k in state_dict}
             raise ValueError(
                 f'Cannot infer the PerViT variant: the checkpoint matches none of {sorted(PERVIT_VARIANTS)} '
@@ -302,7 +241,7 @@ def convert_checkpoint(
     tmp_dir.mkdir()
     try:
         _logger.info(f'Writing model.safetensors, config.json and README.md to {tmp_dir}')
-        save_for_hf(model, tmp_dir, safe_serialization=True)
+        _save_for_hf(model, tmp_dir)
         # safetensors writes the weights owner-only; give them the permissions of the other files
         os.chmod(tmp_dir / 'model.safetensors', (tmp_dir / 'config.json').stat().st_mode & 0o777)
         max_abs_diff = None

@@ -102,7 +102,8 @@ def family_table(img_size: int = 224, batch_size: int = 4, min_time: float = 1.0
     """Params, GMACs (``timm_pervit.flops.count_gmacs``: eval, attention included) and inference img/s per variant."""
     import timm
     from .flops import count_gmacs
-    from .pervit import PERVIT_VARIANTS, _PAPER_RESULTS
+    from .paper import PAPER_RESULTS
+    from .pervit import PERVIT_VARIANTS
 
     rows = []
     for name in PERVIT_VARIANTS:
@@ -112,7 +113,7 @@ def family_table(img_size: int = 224, batch_size: int = 4, min_time: float = 1.0
             params=sum(p.numel() for p in model.parameters()),
             gmacs=count_gmacs(model, (3, img_size, img_size)),
             img_per_s=_img_per_s(model, img_size, batch_size, min_time),
-            paper_top1=_PAPER_RESULTS[name][0],
+            paper_top1=PAPER_RESULTS[name][0],
             tag=f'{name}.{model.pretrained_cfg.get("tag", "")}',
             hf_hub_id=model.pretrained_cfg.get('hf_hub_id', ''),
         ))

@@ -15,29 +15,22 @@ from typing import Any, Dict, Optional, Tuple
 
 from huggingface_hub import EvalResult, ModelCard, ModelCardData, constants as hf_constants, scan_cache_dir
 from huggingface_hub import try_to_load_from_cache
-from huggingface_hub.errors import (
-    EntryNotFoundError,
-    GatedRepoError,
-    LocalEntryNotFoundError,
-    OfflineModeIsEnabled,
-    RepositoryNotFoundError,
-    RevisionNotFoundError,
-)
+try:  # huggingface_hub >= 0.25 (earlier releases keep them in huggingface_hub.utils)
+    from huggingface_hub.errors import (
+        EntryNotFoundError, GatedRepoError, LocalEntryNotFoundError, OfflineModeIsEnabled, RepositoryNotFoundError,
+        RevisionNotFoundError)
+except ImportError:
+    from huggingface_hub.utils import (
+        EntryNotFoundError, GatedRepoError, LocalEntryNotFoundError, OfflineModeIsEnabled, RepositoryNotFoundError,
+        RevisionNotFoundError)
 
-from .pervit import _PAPER_NAME, _PAPER_RESULTS, HF_HUB_NAMESPACE
+from .paper import CITATION, OFFICIAL_URL, PAPER_NAME, PAPER_RESULTS
+from .pervit import HF_HUB_NAMESPACE
 
 __all__ = ['PretrainedWeightsError', 'explain_pretrained_error', 'model_card', 'CITATION']
 
 _logger = logging.getLogger(__name__)
 
-CITATION = """@inproceedings{min2022peripheral,
-  title     = {Peripheral Vision Transformer},
-  author    = {Min, Juhong and Zhao, Yucheng and Luo, Chong and Cho, Minsu},
-  booktitle = {Advances in Neural Information Processing Systems},
-  year      = {2022}
-}"""
-
-_OFFICIAL_URL = 'https://github.com/juhongm999/pervit'
 
 
 class PretrainedWeightsError(RuntimeError):
@@ -59,7 +52,7 @@ class PretrainedWeightsError(RuntimeError):
 def _how_to_convert(variant: str) -> str:
     tag = f'{variant}.in1k'
     return (
-        f'To use the official PerViT release instead: download the {variant} checkpoint from {_OFFICIAL_URL}, '
+        f'To use the official PerViT release instead: download the {variant} checkpoint from {OFFICIAL_URL}, '
         f'convert it with `python -m timm_pervit.convert <checkpoint.pth> --variant {variant} --output {tag} --verify` '
         f"and load the folder with timm.create_model('{variant}', pretrained=True, "
         f"pretrained_cfg_overlay=dict(file='{tag}/model.safetensors')) or timm.create_model('local-dir:{tag}', "
@@ -195,7 +188,7 @@ def model_card(
     """
     tag = f'{variant}.in1k'
     repo_id = repo_id or f'{HF_HUB_NAMESPACE}/{tag}'
-    top1, paper_params, paper_gflops = _PAPER_RESULTS[variant]
+    top1, paper_params, paper_gflops = PAPER_RESULTS[variant]
     data = ModelCardData(
         library_name='timm',
         license='apache-2.0',
@@ -211,7 +204,7 @@ def model_card(
             metric_type='accuracy',
             metric_name='top-1 accuracy',
             metric_value=top1,
-            source_name=f'{_PAPER_NAME} (paper)',
+            source_name=f'{PAPER_NAME} (paper)',
             source_url='https://arxiv.org/abs/2206.06801',
         )],
     )
@@ -222,8 +215,8 @@ def model_card(
     body = f"""
 # Model card for {tag}
 
-PerViT ({_PAPER_NAME}, Min et al., NeurIPS 2022) image classifier trained on ImageNet-1k at 224 px by the paper's
-authors; weights converted from the official release ({_OFFICIAL_URL}) to the timm-pervit implementation
+PerViT ({PAPER_NAME}, Min et al., NeurIPS 2022) image classifier trained on ImageNet-1k at 224 px by the paper's
+authors; weights converted from the official release ({OFFICIAL_URL}) to the timm-pervit implementation
 with `timm_pervit.convert`.
 {verified}
 ## Model details
@@ -235,8 +228,8 @@ with `timm_pervit.convert`.
 - **Image size:** 224 x 224 (any size >= 32 px works)
 - **ImageNet-1k top-1 (paper):** {top1}% (paper: {paper_params}M params)
 - **Dataset:** ImageNet-1k
-- **Papers:** {_PAPER_NAME}, https://arxiv.org/abs/2206.06801
-- **Original:** {_OFFICIAL_URL}
+- **Papers:** {PAPER_NAME}, https://arxiv.org/abs/2206.06801
+- **Original:** {OFFICIAL_URL}
 
 ## Model usage
 ```python

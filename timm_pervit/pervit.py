@@ -32,22 +32,31 @@ Beyond the official implementation, this one:
 Written for timm by the timm-pervit authors from the paper and the facts of the official release. Apache-2.0.
 """
 import logging
+import re
 from typing import Any, Dict, List, Optional, Tuple, Type, Union
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from torch.jit import Final
+
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
-from timm.layers import DropPath, Mlp, calculate_drop_path_rates, get_device_dtype, trunc_normal_, use_fused_attn
+from timm.layers import DropPath, Mlp, trunc_normal_, use_fused_attn
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
+from timm.models import register_notrace_function, register_notrace_module
 from timm.models._features import feature_take_indices
-from timm.models._features_fx import register_notrace_function, register_notrace_module
-from timm.models._manipulate import checkpoint
+
+from ._attention import peripheral_sdpa
+from .checkpoint_io import state_dict_of
+from ._compat import (
+    autocast_dtype, build_mlp, calculate_drop_path_rates, checkpoint, get_device_dtype, is_compiling, is_exporting)
+from .paper import OFFICIAL_URL, PAPER_ID, PAPER_NAME, PAPER_RESULTS
 
 __all__ = [
-    'PerViT', 'PeripheralPosition', 'PeripheralAttention', 'PerViTBlock', 'checkpoint_filter_fn', 'infer_variant',
-    'PERVIT_VARIANTS', 'HF_HUB_NAMESPACE', 'MIN_INPUT_SIZE',
+    'PerViT', 'PeripheralPosition', 'PositionConvNet', 'PeripheralAttention', 'PerViTBlock', 'checkpoint_filter_fn',
+    'official_to_timm', 'timm_to_official', 'is_official_layout', 'OFFICIAL_KEY_MAP', 'PERVIT_VARIANTS',
+    'HF_HUB_NAMESPACE', 'MIN_INPUT_SIZE',
 ]
 
 _logger = logging.getLogger(__name__)
@@ -58,6 +67,10 @@ HF_HUB_NAMESPACE = 'timm-pervit'
 #: Smallest accepted input side in pixels: the stem reduces by 16 and the position grid needs >= 2 tokens per axis.
 MIN_INPUT_SIZE = 32
 
+#: Key positions added on each side of the token grid for the position encoding: the two valid 3x3 convs of
+#: ``PositionConvNet`` remove them again.
+_KEY_PAD = 2
+
 #: Architecture of the released variants: heads, stage widths, stem widths (stage depths are (2, 2, 6, 2)).
 PERVIT_VARIANTS: Dict[str, Dict[str, Any]] = {
     'pervit_tiny': dict(num_heads=4, embed_dims=(128, 192, 224, 280), stem_dims=(48, 64, 96, 128)),
@@ -67,7 +80,7 @@ PERVIT_VARIANTS: Dict[str, Dict[str, Any]] = {
 
 
 @register_notrace_function
-def check_input(x: torch.Tensor, in_chans: int) -> None:
+def check_image_batch(x: torch.Tensor, in_chans: int) -> None:
     """Raise a ValueError that names the problem and the fix for an input PerViT cannot take."""
     if x.dim() != 4:
         raise ValueError(
@@ -98,7 +111,7 @@ class ConvBnReLU(nn.Module):
         return self.act(self.bn(self.conv(x)))
 
 
-class PositionMlp(nn.Module):
+class PositionConvNet(nn.Module):
     """The per-block conv network of the peripheral position encoding.
 
     Maps the 4H distance features of every query (an image over the (h+4)x(w+4) key grid) to H maps over the inner
@@ -153,7 +166,7 @@ class PeripheralPosition(nn.Module):
 
     Position grid: token centres sit on normalized coordinates ``linspace(-1, 1, n)`` per axis (n = h or w), and the
     key grid is extended by two positions on each side with the same spacing, so the valid 3x3 convs of each block's
-    ``PositionMlp`` bring it back to h x w. Because coordinates are normalized, the peripheral regions are relative
+    ``PositionConvNet`` bring it back to h x w. Because coordinates are normalized, the peripheral regions are relative
     to the image: at 448 px a head covers the same fraction of the image as at 224 px (on a finer grid), and for a
     non-square input each axis is normalized on its own. At 224 px (14 x 14 tokens) this is the official encoding.
 
@@ -170,7 +183,6 @@ class PeripheralPosition(nn.Module):
             self,
             num_heads: int,
             depth: int,
-            pad: int = 2,
             eps: float = 1e-5,
             cache_size: int = 4,
             device=None,
@@ -179,10 +191,10 @@ class PeripheralPosition(nn.Module):
         dd = {'device': device, 'dtype': dtype}
         super().__init__()
         self.num_heads = num_heads
-        self.pad = pad
+        self.key_pad = _KEY_PAD
         self.cache_size = cache_size
         self.dist_proj = nn.Linear(1, 4 * num_heads, **dd)
-        self.blocks = nn.ModuleList([PositionMlp(num_heads, eps=eps, **dd) for _ in range(depth)])
+        self.blocks = nn.ModuleList([PositionConvNet(num_heads, eps=eps, **dd) for _ in range(depth)])
         self._cache: Dict[Any, List[torch.Tensor]] = {}
 
     def init_weights(self) -> None:
@@ -199,10 +211,10 @@ class PeripheralPosition(nn.Module):
         """Euclidean distance from every query (inner h x w grid) to every key of the extended grid.
 
         Returns:
-            Distances of shape (h*w, 1, h+2*pad, w+2*pad), on the device and in the dtype of the parameters.
+            Distances of shape (h*w, 1, h+4, w+4), on the device and in the dtype of the parameters.
         """
         weight = self.dist_proj.weight
-        p = self.pad
+        p = self.key_pad
         axes_q = []
         axes_k = []
         for n in (h, w):
@@ -236,11 +248,7 @@ class PeripheralPosition(nn.Module):
                 return None  # inference tensors carry no version counter: do not cache
             state.append((id(p), p.data_ptr(), p._version))
         weight = self.dist_proj.weight
-        dev = weight.device.type
-        try:
-            autocast = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else None
-        except RuntimeError:  # device types without autocast support (e.g. meta)
-            autocast = None
+        autocast = autocast_dtype(weight.device.type)
         # entries made under inference_mode are inference tensors: reuse them only there
         return h, w, weight.device, weight.dtype, autocast, torch.is_inference_mode_enabled(), tuple(state)
 
@@ -269,87 +277,15 @@ class PeripheralPosition(nn.Module):
         """Return ``log(phi_p)`` of the first ``num_blocks`` blocks for an h x w token grid, each (H, h*w, h*w)."""
         if torch.jit.is_scripting():
             return self.compute(h, w, num_blocks)
-        if torch.compiler.is_compiling() or (self.training and torch.is_grad_enabled()):
+        if is_compiling() or is_exporting() or (self.training and torch.is_grad_enabled()):
             return self.compute(h, w, num_blocks)
         return self._cached(h, w, len(self.blocks) if num_blocks is None else num_blocks)
-
-
-class _PeripheralSdpaCpu(torch.autograd.Function):
-    """``softmax(q k^T * scale + mask) v`` on CPU with a gradient for the mask and O(N) saved activations.
-
-    The forward is the CPU flash kernel, which also returns the row log-sum-exp; the backward rebuilds the attention
-    from it in one pass, a few samples at a time (so its B x H x N x N intermediates stay cache-sized), and returns
-    the gradients of q, k, v and the mask (the mask's summed over the batch). Without it, SDPA would fall to its math
-    kernel whenever the mask needs a gradient and keep every block's attention for backward.
-    """
-
-    #: Bytes of one chunk's attention matrix in backward (the chunk is at least one sample).
-    chunk_bytes: int = 1 << 21
-
-    @staticmethod
-    def forward(
-            ctx: Any, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, scale: float,
-    ) -> torch.Tensor:
-        out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
-            q, k, v, 0.0, False, attn_mask=mask, scale=scale)
-        ctx.save_for_backward(q, k, v, mask, out, lse)
-        ctx.scale = scale
-        return out
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx: Any, grad_out: torch.Tensor) -> Tuple[Optional[torch.Tensor], ...]:
-        q, k, v, mask, out, lse = ctx.saved_tensors
-        scale = ctx.scale
-        need_q, need_k, _, need_mask, _ = ctx.needs_input_grad
-        B, H, N, _ = q.shape
-        # low-precision inputs are promoted: the softmax and its gradient are computed in float32 (or float64), also
-        # when backward is called under autocast
-        ct = torch.promote_types(q.dtype, torch.float32)
-        with torch.autocast(q.device.type, enabled=False):
-            # contiguous operands: the batched matmuls below would otherwise copy every chunk's slices
-            qs = q.to(ct) * scale
-            kc, vc, do = (t.to(ct).contiguous() for t in (k, v, grad_out))
-            lse, mask_c = lse.to(ct).unsqueeze(-1), mask.to(ct)
-            delta = (do * out.to(ct)).sum(dim=-1, keepdim=True)  # rowsum(dO * O)
-            grad_q, grad_k, grad_v = torch.empty_like(qs), torch.empty_like(kc), torch.empty_like(vc)
-            grad_mask = torch.zeros(mask.shape, dtype=ct, device=mask.device) if need_mask else None
-            step = max(1, _PeripheralSdpaCpu.chunk_bytes // (H * N * N * torch.finfo(ct).bits // 8))
-            for b0 in range(0, B, step):
-                b = slice(b0, b0 + step)
-                # the softmax, rebuilt from the saved log-sum-exp
-                attn = torch.matmul(qs[b], kc[b].transpose(-2, -1)).add_(mask_c).sub_(lse[b]).exp_()
-                torch.matmul(attn.transpose(-2, -1), do[b], out=grad_v[b])
-                # dS = P * (dO v^T - rowsum(dO * O)), in place on dO v^T
-                grad_s = torch.matmul(do[b], vc[b].transpose(-2, -1)).sub_(delta[b]).mul_(attn)
-                del attn
-                if grad_mask is not None:
-                    grad_mask.add_(grad_s.sum_to_size(mask.shape))
-                if need_q:
-                    torch.matmul(grad_s, kc[b], out=grad_q[b])
-                if need_k:
-                    torch.matmul(grad_s.transpose(-2, -1), qs[b], out=grad_k[b])
-        return (
-            grad_q.mul_(scale).to(q.dtype) if need_q else None,
-            grad_k.to(k.dtype) if need_k else None,
-            grad_v.to(v.dtype),
-            grad_mask.to(mask.dtype) if grad_mask is not None else None,
-            None,
-        )
-
-
-def _use_sdpa_cpu_function(q: torch.Tensor, mask: torch.Tensor) -> bool:
-    """Whether ``_PeripheralSdpaCpu`` can take this call (eager mode, a dtype the CPU flash kernel supports)."""
-    return hasattr(torch.ops.aten, '_scaled_dot_product_flash_attention_for_cpu') \
-        and not torch.compiler.is_compiling() and q.device.type == 'cpu' and q.dtype == mask.dtype \
-        and mask.dim() == 4 and mask.shape[0] == 1 \
-        and q.dtype in (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 
 
 class PeripheralAttention(nn.Module):
     """Multi-head peripheral attention: content attention reweighted by the position attention ``phi_p``."""
 
-    fused_attn: bool
+    fused_attn: Final[bool]
 
     def __init__(
             self,
@@ -371,23 +307,6 @@ class PeripheralAttention(nn.Module):
         self.proj = nn.Linear(dim, dim, **dd)
         self.proj_drop = nn.Dropout(proj_drop)
 
-    @torch.jit.unused
-    def _mask_grad_off_cuda(self, mask: torch.Tensor) -> bool:
-        if torch.fx._symbolic_trace.is_fx_symbolic_tracing():
-            return False  # mask is a Proxy: trace the plain SDPA call
-        return mask.requires_grad and torch.is_grad_enabled() and mask.device.type != 'cuda'
-
-    @torch.jit.unused
-    def _sdpa_with_mask_grad(
-            self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """SDPA where the mask needs a gradient off CUDA, which would send SDPA to its math kernel and keep the
-        (B, H, N, N) attention of every block for backward."""
-        if _use_sdpa_cpu_function(q, mask):
-            return _PeripheralSdpaCpu.apply(q, k, v, mask, self.scale)  # flash forward, one-pass backward
-        # where that cannot run (compiling, exporting, other devices): recompute the attention in backward
-        return torch.utils.checkpoint.checkpoint(
-            F.scaled_dot_product_attention, q, k, v, mask, use_reentrant=False, scale=self.scale)
-
     def forward(self, x: torch.Tensor, pos_log: torch.Tensor) -> torch.Tensor:
         """Attend.
 
@@ -399,12 +318,12 @@ class PeripheralAttention(nn.Module):
         qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
         q, k, v = qkv.unbind(0)
         if self.fused_attn:
-            # a 4-D (1, H, N, N) mask: with a 3-D one the CPU dispatcher falls back to the math kernel (5x slower)
+            # a 4-D (1, H, N, N) mask: with a 3-D one the CPU dispatcher falls back to the slower math kernel
             mask = pos_log.to(q.dtype).unsqueeze(0)
-            if torch.jit.is_scripting() or not self._mask_grad_off_cuda(mask):
+            if torch.jit.is_scripting():
                 x = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.scale)
             else:
-                x = self._sdpa_with_mask_grad(q, k, v, mask)
+                x = peripheral_sdpa(q, k, v, mask, self.scale)
         else:
             # the official formula: L1-normalized phi_p * exp(logits - rowmax), eps 1e-12
             attn = (q @ k.transpose(-2, -1)) * self.scale
@@ -447,7 +366,8 @@ class PerViTBlock(nn.Module):
         self.attn = PeripheralAttention(dim, num_heads=num_heads, qkv_bias=qkv_bias, proj_drop=proj_drop, **dd)
         self.drop_path1 = DropPath(drop_path) if drop_path > 0. else nn.Identity()
         self.norm2 = norm_layer(dim, eps=norm_eps, **dd)
-        self.mlp = Mlp(dim, int(dim * mlp_ratio), out_features=out_dim, act_layer=act_layer, drop=proj_drop, **dd)
+        self.mlp = build_mlp(
+            Mlp, dim, int(dim * mlp_ratio), out_features=out_dim, act_layer=act_layer, drop=proj_drop, **dd)
         self.shortcut = nn.Linear(dim, out_dim, **dd) if out_dim != dim else nn.Identity()
         self.drop_path2 = DropPath(drop_path) if drop_path > 0. else nn.Identity()
 
@@ -556,7 +476,7 @@ class PerViT(nn.Module):
                 dims_in.append(dim)
                 dims_out.append(next_dim if j == d - 1 else dim)
         dpr = calculate_drop_path_rates(drop_path_rate, depth)
-        self.pos_embed = PeripheralPosition(num_heads, depth, eps=pos_norm_eps, cache_size=pos_cache_size, **dd)
+        self.pos_attn = PeripheralPosition(num_heads, depth, eps=pos_norm_eps, cache_size=pos_cache_size, **dd)
         self.blocks = nn.ModuleList([
             PerViTBlock(
                 dims_in[i],
@@ -584,7 +504,7 @@ class PerViT(nn.Module):
 
     def init_weights(self) -> None:
         """Peripheral initialization of the paper (see the module docstring of each part)."""
-        self.pos_embed.init_weights()
+        self.pos_attn.init_weights()
         for blk in self.blocks:
             blk.init_weights()
         nn.init.ones_(self.norm.weight)
@@ -595,15 +515,15 @@ class PerViT(nn.Module):
 
     @torch.jit.ignore
     def no_weight_decay(self) -> set:
-        """The distance embedding of the position encoding is exempt from weight decay, like a ViT pos_embed."""
-        return {'pos_embed.dist_proj.weight'}
+        """The distance embedding of the position encoding is exempt from weight decay, like a ViT pos_attn."""
+        return {'pos_attn.dist_proj.weight'}
 
     @torch.jit.ignore
     def group_matcher(self, coarse: bool = False) -> Dict[str, Any]:
         """Parameter groups for layer-wise lr decay: stem (+ shared distance projection), one group per block."""
         return dict(
-            stem=r'^stem|^pos_embed\.dist_proj',
-            blocks=[(r'^blocks\.(\d+)', None), (r'^pos_embed\.blocks\.(\d+)', None), (r'^norm', (99999,))],
+            stem=r'^stem|^pos_attn\.dist_proj',
+            blocks=[(r'^blocks\.(\d+)', None), (r'^pos_attn\.blocks\.(\d+)', None), (r'^norm', (99999,))],
         )
 
     @torch.jit.ignore
@@ -635,15 +555,15 @@ class PerViT(nn.Module):
         """
         h, w = (grid_size, grid_size) if isinstance(grid_size, int) else grid_size
         with torch.no_grad():
-            return torch.stack(self.pos_embed.compute(h, w)).exp()
+            return torch.stack(self.pos_attn.compute(h, w)).exp()
 
     def _stem(self, x: torch.Tensor) -> torch.Tensor:
         if not torch.jit.is_scripting():
-            check_input(x, self.in_chans)
+            check_image_batch(x, self.in_chans)
         if not self.training:
-            # at inference the stem runs channels-last (about 8% faster eager on CPU, and its output is then already
-            # the NHWC token grid). Not in training: torch's channels-last BatchNorm gathers batch statistics less
-            # precisely (measured: ~100x the float32 error of the NCHW kernel in the stem outputs)
+            # at inference the stem runs channels-last (faster on CPU, and its output is then already the NHWC token
+            # grid). Not in training: torch's channels-last BatchNorm gathers batch statistics less precisely than the
+            # NCHW kernel (docs/benchmarks.md has the measurements)
             x = x.contiguous(memory_format=torch.channels_last)
         return self.stem(x).permute(0, 2, 3, 1)  # NHWC token grid
 
@@ -674,7 +594,7 @@ class PerViT(nn.Module):
         take_indices, max_index = feature_take_indices(len(self.blocks), indices)
         x = self._stem(x)
         last = len(self.blocks) if torch.jit.is_scripting() or not stop_early else max_index + 1
-        pos = self.pos_embed(x.shape[1], x.shape[2], last)
+        pos = self.pos_attn(x.shape[1], x.shape[2], last)
         for i, blk in enumerate(self.blocks):
             if i < last:  # no `break`: TorchScript unrolls ModuleList loops
                 x = blk(x, pos[i])
@@ -695,8 +615,8 @@ class PerViT(nn.Module):
         """Prune blocks (and their position encoders) not needed for the intermediates at ``indices``."""
         take_indices, max_index = feature_take_indices(len(self.blocks), indices)
         self.blocks = self.blocks[:max_index + 1]
-        self.pos_embed.blocks = self.pos_embed.blocks[:max_index + 1]
-        self.pos_embed.clear_cache()
+        self.pos_attn.blocks = self.pos_attn.blocks[:max_index + 1]
+        self.pos_attn.clear_cache()
         self.feature_info = self.feature_info[:max_index + 1]
         width = self.feature_info[-1]['num_chs']
         if prune_norm or width != self.num_features:
@@ -709,7 +629,7 @@ class PerViT(nn.Module):
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """Image (B, C, H, W) -> normalized token map (B, H/16, W/16, num_features), NHWC."""
         x = self._stem(x)
-        pos = self.pos_embed(x.shape[1], x.shape[2])
+        pos = self.pos_attn(x.shape[1], x.shape[2])
         for i, blk in enumerate(self.blocks):
             if self.grad_checkpointing and not torch.jit.is_scripting():
                 x = checkpoint(blk, x, pos[i])
@@ -730,66 +650,85 @@ class PerViT(nn.Module):
         return x
 
 
-def _official_to_timm_key(k: str, n_stem: int) -> str:
-    """Map one official key to this implementation's key (``n_stem``: number of stride-2 stem convs)."""
-    if k.startswith('conv_layers.conv_layers.'):
-        i, j, rest = k[len('conv_layers.conv_layers.'):].split('.', 2)
-        return f'stem.{i}.{"conv" if j == "0" else "bn"}.{rest}'
-    if k.startswith('conv_layers.conv1x1.'):
-        return f'stem.{n_stem}.' + k[len('conv_layers.conv1x1.'):]
-    if k.startswith('rpe_proj.'):
-        return 'pos_embed.dist_proj.' + k[len('rpe_proj.'):]
-    if k.startswith('blocks.'):
-        _, i, rest = k.split('.', 2)
-        if rest.startswith('attn.activation.'):
-            rest = rest[len('attn.activation.'):].replace('gn1.', 'norm1.').replace('gn2.', 'norm2.')
-            return f'pos_embed.blocks.{i}.{rest}'
-        for old, new in (('attn.to_qkv.', 'attn.qkv.'), ('conv.proj.', 'dwconv.'), ('res_path.', 'shortcut.')):
-            rest = rest.replace(old, new)
-        return f'blocks.{i}.{rest}'
-    return k
+#: The official checkpoint layout <-> this implementation's, one row per renamed key prefix; ``{i}`` is a block or stem
+#: index, ``{n}`` the index of the stem's final 1x1 conv (the number of stride-2 convs). Keys not listed keep their name.
+#: The first matching row applies, so specific prefixes come before general ones.
+OFFICIAL_KEY_MAP: Tuple[Tuple[str, str], ...] = (
+    ('conv_layers.conv_layers.{i}.0.', 'stem.{i}.conv.'),
+    ('conv_layers.conv_layers.{i}.1.', 'stem.{i}.bn.'),
+    ('conv_layers.conv1x1.', 'stem.{n}.'),
+    ('rpe_proj.', 'pos_attn.dist_proj.'),
+    ('blocks.{i}.attn.activation.gn1.', 'pos_attn.blocks.{i}.norm1.'),
+    ('blocks.{i}.attn.activation.gn2.', 'pos_attn.blocks.{i}.norm2.'),
+    ('blocks.{i}.attn.activation.', 'pos_attn.blocks.{i}.'),
+    ('blocks.{i}.attn.to_qkv.', 'blocks.{i}.attn.qkv.'),
+    ('blocks.{i}.conv.proj.', 'blocks.{i}.dwconv.'),
+    ('blocks.{i}.res_path.', 'blocks.{i}.shortcut.'),
+)
+
+#: Earlier names of this implementation's keys, accepted by ``checkpoint_filter_fn`` (old -> new prefix).
+RENAMED_KEYS: Tuple[Tuple[str, str], ...] = (('pos_embed.', 'pos_attn.'),)
 
 
-def _is_official(state_dict: Dict[str, torch.Tensor]) -> bool:
-    return any(k.startswith(('conv_layers.', 'rpe_proj.')) or '.attn.to_qkv.' in k for k in state_dict)
+def _prefix_pattern(template: str) -> 're.Pattern[str]':
+    return re.compile(re.escape(template).replace(r'\{i\}', r'(?P<i>\d+)').replace(r'\{n\}', r'(?P<n>\d+)'))
 
 
-def infer_variant(state_dict: Dict[str, torch.Tensor]) -> Optional[str]:
-    """Name the released variant whose architecture matches a (timm-layout or official) state dict, if any."""
-    if _is_official(state_dict):
-        state_dict = convert_official(state_dict)
-    for name, arch in PERVIT_VARIANTS.items():
-        heads = arch['num_heads']
-        dims = arch['embed_dims']
-        if (state_dict.get('pos_embed.dist_proj.weight', torch.empty(0)).shape == (4 * heads, 1)
-                and state_dict.get('blocks.0.attn.qkv.weight', torch.empty(0)).shape == (3 * dims[0], dims[0])
-                and state_dict.get('norm.weight', torch.empty(0)).shape == (dims[-1],)
-                and state_dict.get('stem.0.conv.weight', torch.empty(0)).shape[:1] == (arch['stem_dims'][0],)):
-            return name
-    return None
+def _remap_keys(state_dict: Dict[str, Any], to_official: bool) -> Dict[str, Any]:
+    """Rename keys with ``OFFICIAL_KEY_MAP`` in either direction (values untouched)."""
+    src, dst = (1, 0) if to_official else (0, 1)
+    if to_official:
+        n_stem = max(int(k.split('.')[1]) for k in state_dict if k.startswith('stem.'))
+    else:
+        n_stem = sum(1 for k in state_dict if re.match(r'conv_layers\.conv_layers\.\d+\.0\.weight$', k))
+    rows = [(_prefix_pattern(row[src]), row[dst]) for row in OFFICIAL_KEY_MAP]
+    out = {}
+    for key, value in state_dict.items():
+        new = key
+        for pattern, template in rows:
+            m = pattern.match(key)
+            if m and ('n' not in m.groupdict() or int(m.group('n')) == n_stem):
+                new = template.format(i=m.groupdict().get('i'), n=n_stem) + key[m.end():]
+                break
+        out[new] = value
+    return out
 
 
-def convert_official(state_dict: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+def official_to_timm(state_dict: Dict[str, Any]) -> Dict[str, Any]:
     """Rename the keys of an official PerViT state dict to this implementation's keys (values untouched)."""
-    n_stem = sum(1 for k in state_dict if k.startswith('conv_layers.conv_layers.') and k.endswith('.0.weight'))
-    return {_official_to_timm_key(k, n_stem): v for k, v in state_dict.items()}
+    return _remap_keys(state_dict, to_official=False)
+
+
+def timm_to_official(state_dict: Dict[str, Any]) -> Dict[str, Any]:
+    """Rename the keys of a timm_pervit state dict to the official layout (inverse of ``official_to_timm``)."""
+    return _remap_keys(state_dict, to_official=True)
+
+
+def is_official_layout(state_dict: Dict[str, Any]) -> bool:
+    """True for a state dict in the official PerViT key layout."""
+    return any(k.startswith(('conv_layers.', 'rpe_proj.')) or '.attn.to_qkv.' in k for k in state_dict)
 
 
 def checkpoint_filter_fn(state_dict: Dict[str, Any], model: PerViT) -> Dict[str, torch.Tensor]:
     """Convert an official PerViT checkpoint (or pass through one of this implementation) for ``model``.
 
-    Accepts a bare state dict or a training checkpoint holding it under 'model' / 'state_dict'. Raises a ValueError
-    when the tensors do not fit the model's architecture (a checkpoint of another variant), naming the variant the
-    checkpoint looks like. The stem's first conv and the classifier are not checked: timm adapts them for
+    Accepts a bare state dict or a training checkpoint holding it under 'model' / 'state_dict' (also the names this
+    implementation used before, see ``RENAMED_KEYS``). Raises a ValueError when the tensors do not fit the model's
+    architecture (naming the released variant the checkpoint belongs to, if it is another one), when it holds NaN or
+    Inf values (naming the tensors), or when it is not a state dict at all. The stem's first conv and the classifier are not checked: timm adapts them for
     ``in_chans`` / ``num_classes`` after this filter.
     """
-    for key in ('model', 'state_dict'):
-        if key in state_dict and isinstance(state_dict[key], dict):
-            state_dict = state_dict[key]
-            break
-    if _is_official(state_dict):
-        state_dict = convert_official(state_dict)
-    state_dict = {k: v for k, v in state_dict.items() if isinstance(v, torch.Tensor)}
+    state_dict = state_dict_of(state_dict, 'the PerViT checkpoint')
+    if is_official_layout(state_dict):
+        state_dict = official_to_timm(state_dict)
+    for old, new in RENAMED_KEYS:
+        state_dict = {(new + k[len(old):] if k.startswith(old) else k): v for k, v in state_dict.items()}
+    not_finite = [k for k, v in state_dict.items() if v.is_floating_point() and not torch.isfinite(v).all()]
+    if not_finite:
+        raise ValueError(
+            f'PerViT checkpoint holds NaN or Inf values in {len(not_finite)} tensor(s): '
+            f'{", ".join(not_finite[:8])}{" ..." if len(not_finite) > 8 else ""}. The file is corrupted or comes from '
+            f'a diverged training run; load an earlier checkpoint.')
     target = model.state_dict()
     skip = ('stem.0.conv.', 'head.')
     mismatched = [
@@ -799,16 +738,24 @@ def checkpoint_filter_fn(state_dict: Dict[str, Any], model: PerViT) -> Dict[str,
     ]
     missing_blocks = len(model.blocks) > 0 and f'blocks.{len(model.blocks) - 1}.norm1.weight' not in state_dict
     if mismatched or missing_blocks:
-        looks_like = infer_variant(state_dict)
-        hint = f'it looks like a {looks_like} checkpoint: create that model instead' if looks_like else \
-            'it matches none of the released variants (pervit_tiny/small/medium)'
+        hint = _variant_hint(state_dict, model)
         detail = '; '.join(mismatched[:4]) + (f' (+{len(mismatched) - 4} more)' if len(mismatched) > 4 else '')
         if missing_blocks:
             detail = (detail + '; ' if detail else '') + f'it has no weights for block {len(model.blocks) - 1}'
         raise ValueError(
             f'PerViT checkpoint does not fit this model ({model.num_heads} heads, width {model.num_features}): '
-            f'{hint}. Mismatch: {detail}')
+            f'{hint}Mismatch: {detail}')
     return state_dict
+
+
+def _variant_hint(state_dict: Dict[str, torch.Tensor], model: 'PerViT') -> str:
+    """Name the released variant a mismatching checkpoint belongs to, when it is another one than ``model``'s."""
+    widths = {arch['embed_dims'][-1]: name for name, arch in PERVIT_VARIANTS.items()}
+    norm = state_dict.get('norm.weight')
+    looks_like = widths.get(norm.shape[0]) if norm is not None and norm.dim() == 1 else None
+    if looks_like is None or norm.shape[0] == model.num_features:
+        return ''
+    return f'it looks like a {looks_like} checkpoint: create that model instead. '
 
 
 def _create_pervit(variant: str, pretrained: bool = False, **kwargs) -> PerViT:
@@ -837,15 +784,6 @@ def _create_pervit(variant: str, pretrained: bool = False, **kwargs) -> PerViT:
         raise error from e
 
 
-_PAPER_NAME = 'Peripheral Vision Transformer'
-_PAPER_RESULTS = {
-    # variant: (ImageNet-1k top-1 @224, params (M), GFLOPs as reported in the paper)
-    'pervit_tiny': (78.8, 7.6, 1.6),
-    'pervit_small': (82.1, 21.0, 4.4),
-    'pervit_medium': (82.9, 44.0, 9.0),
-}
-
-
 def _cfg(url: str = '', **kwargs) -> Dict[str, Any]:
     return {
         'url': url,
@@ -861,15 +799,15 @@ def _cfg(url: str = '', **kwargs) -> Dict[str, Any]:
         'first_conv': 'stem.0.conv',
         'classifier': 'head',
         'license': 'apache-2.0',
-        'paper_ids': 'arXiv:2206.06801',
-        'paper_name': _PAPER_NAME,
-        'origin_url': 'https://github.com/juhongm999/pervit',
+        'paper_ids': PAPER_ID,
+        'paper_name': PAPER_NAME,
+        'origin_url': OFFICIAL_URL,
         **kwargs,
     }
 
 
 def _in1k_cfg(variant: str) -> Dict[str, Any]:
-    top1, params, gflops = _PAPER_RESULTS[variant]
+    top1, params, gflops = PAPER_RESULTS[variant]
     return _cfg(
         hf_hub_id=f'{HF_HUB_NAMESPACE}/{variant}.in1k',
         description=(

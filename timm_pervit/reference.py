@@ -34,7 +34,7 @@ def official_position_attention(model: PerViT, h: int, w: int) -> List[torch.Ten
     Returns:
         One (H, h*w, h*w) tensor per block, ``phi[head, query, key]`` in (0, 1).
     """
-    pos = model.pos_embed
+    pos = model.pos_attn
     n = h * w
     dist = pos.distances(h, w)  # (N, 1, h+4, w+4)
     feats = pos.dist_proj(dist.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)  # (N, 4H, h+4, w+4)
