@@ -4,6 +4,7 @@ Every test runs a real subprocess of the installed package (``sys.executable``, 
 source tree cannot stand in for the installation). The slow tests build the package the way pip does (a regular
 wheel, an editable install) into brand-new virtual environments and check the start-up hook lands in site-packages.
 """
+import importlib.util
 import json
 import os
 import shutil
@@ -176,6 +177,69 @@ print(json.dumps(dict(model=type(model).__name__, listed=timm.list_models('pervi
     assert res == dict(model='VisionTransformer', listed=[], pervit_loaded=False)
     assert 'simulated broken installation' in proc.stderr
     assert _autoload.ENV_OPT_OUT in proc.stderr  # the warning names the way out
+
+
+_PROBE_THEN_IMPORT = """
+import importlib, importlib.metadata, importlib.util, json, pkgutil, sys
+def state():
+    return dict(timm='timm' in sys.modules, pervit='timm_pervit' in sys.modules,
+                hook=[type(f).__name__ for f in sys.meta_path if 'Timm' in type(f).__name__])
+{probe}
+probed = state()
+{load}
+print(json.dumps(dict(probed=probed, after=state(), listed=timm.list_models('pervit*'),
+                      loader=type(timm.__spec__.loader).__name__)))
+"""
+
+# An availability probe is not an import: the spec it gets is never executed, and the later import looks timm up anew
+_PROBES = {
+    'find_spec': ("importlib.util.find_spec('timm')", 'import timm'),
+    'find_spec_twice': ("importlib.util.find_spec('timm'); importlib.util.find_spec('timm')", 'import timm'),
+    'find_spec_import_module': ("importlib.util.find_spec('timm')", "timm = importlib.import_module('timm')"),
+    'pkgutil_find_loader': ("pkgutil.find_loader('timm')", 'import timm'),
+    'metadata_version': ("importlib.metadata.version('timm')", 'import timm'),
+    # looking up a submodule imports its parent for real: registration happens during the probe itself
+    'find_spec_submodule': ("importlib.util.find_spec('timm.models')", 'import timm'),
+    # the import-a-module-from-its-spec recipe executes the probe's own spec
+    'probe_spec_executed': (
+        "spec = importlib.util.find_spec('timm'); timm = importlib.util.module_from_spec(spec); "
+        "sys.modules['timm'] = timm; spec.loader.exec_module(timm)", 'pass'),
+}
+
+
+@pytest.mark.parametrize('probe', list(_PROBES))
+def test_import_probe_keeps_registration(tmp_path, probe):
+    """Finding timm (availability checks) before importing it: the later import still registers PerViT, once."""
+    probe_code, load_code = _PROBES[probe]
+    if probe == 'pkgutil_find_loader' and not hasattr(__import__('pkgutil'), 'find_loader'):
+        pytest.skip('pkgutil.find_loader was removed in this Python version')
+    proc = run_python(_PROBE_THEN_IMPORT.format(probe=probe_code, load=load_code), tmp_path)
+    res = last_json(proc)
+    assert set(res['listed']) >= {'pervit_tiny', 'pervit_small', 'pervit_medium'}
+    if probe in ('find_spec_submodule', 'probe_spec_executed'):
+        assert res['probed']['timm']
+    else:  # a probe costs nothing: timm not imported, the hook still waiting for the real import
+        assert res['probed'] == dict(timm=False, pervit=False, hook=['_TimmImportFinder'])
+    assert res['after'] == dict(timm=True, pervit=True, hook=[])  # registered, then the finder removed itself
+    assert res['loader'] != '_RegisteringLoader'
+    assert 'timm_pervit' not in proc.stderr
+
+
+def test_transformers_then_timm_registers_pervit(tmp_path):
+    """transformers probes timm (importlib.util.find_spec, importlib.metadata) on import: timm still gets PerViT."""
+    if importlib.util.find_spec('transformers') is None:
+        pytest.skip('transformers is not installed (needed to check its timm availability probe)')
+    code = """
+import json, sys
+import transformers
+from transformers.utils import is_timm_available
+available, imported = is_timm_available(), 'timm' in sys.modules
+import timm
+print(json.dumps(dict(available=available, imported=imported, listed=timm.list_models('pervit*'))))
+"""
+    res = last_json(run_python(code, tmp_path))
+    assert res['available'] and not res['imported']  # transformers did probe, without importing timm
+    assert set(res['listed']) >= {'pervit_tiny', 'pervit_small', 'pervit_medium'}
 
 
 def test_install_in_process(monkeypatch):
