@@ -242,6 +242,32 @@ print(json.dumps(dict(available=available, imported=imported, listed=timm.list_m
     assert set(res['listed']) >= {'pervit_tiny', 'pervit_small', 'pervit_medium'}
 
 
+@pytest.mark.parametrize('error', ['SystemExit(0)', "SystemExit('simulated exit')", 'KeyboardInterrupt()'])
+def test_package_raising_base_exception(tmp_path, error):
+    """A SystemExit from importing the package must not end the process importing timm; Ctrl-C still stops it."""
+    sandbox = tmp_path / 'sandbox'
+    (sandbox / 'timm_pervit').mkdir(parents=True)
+    (sandbox / 'timm_pervit' / '__init__.py').write_text(f'raise {error}\n')
+    code = """
+import json, sys
+try:
+    import timm
+except KeyboardInterrupt:
+    print(json.dumps(dict(interrupted=True)))
+    sys.exit(0)
+print(json.dumps(dict(interrupted=False, listed=timm.list_models('pervit*'),
+                      vit=type(timm.create_model('test_vit')).__name__)))
+"""
+    proc = run_python(code, tmp_path, env={'PYTHONPATH': str(sandbox)})
+    res = last_json(proc)
+    if error.startswith('KeyboardInterrupt'):
+        assert res == dict(interrupted=True)
+        return
+    assert res == dict(interrupted=False, listed=[], vit='VisionTransformer')
+    for part in ('SystemExit', 'reinstall timm-pervit', _autoload.ENV_OPT_OUT):  # the problem, then the fixes
+        assert part in proc.stderr
+
+
 def test_install_in_process(monkeypatch):
     """install(): False when opted out (meta_path untouched); with timm already imported it registers at once."""
     import timm

@@ -17,8 +17,8 @@ reach the finder, so it stays in place through them and only the actual executio
 explicit way and is idempotent: it is a plain module import, so nothing is registered twice.
 
 Failures never break the interpreter: anything raised by the hook (a broken or half-removed installation, an
-incompatible timm) is logged as a warning on the ``timm_pervit`` logger and ``import timm`` carries on without the
-PerViT models.
+incompatible timm, even a ``SystemExit`` from the package's import) is logged as a warning on the ``timm_pervit``
+logger and ``import timm`` carries on without the PerViT models. Only ``KeyboardInterrupt`` goes through.
 
 Opt out by setting the environment variable ``TIMM_PERVIT_NO_AUTOLOAD=1`` (also ``true``/``yes``/``on``) before
 Python starts; ``import timm_pervit`` then registers the models explicitly.
@@ -71,7 +71,9 @@ def _register() -> None:
         return
     try:
         __import__(PACKAGE)
-    except Exception as e:
+    except KeyboardInterrupt:  # the user asked to stop: that is not ours to swallow
+        raise
+    except BaseException as e:  # a SystemExit from a broken install must not end the process that imported timm
         _warn(
             f'{PACKAGE}: registering the PerViT models with timm at import failed ({type(e).__name__}: {e}); '
             f'timm works without them. Run `import {PACKAGE}` to see the error, reinstall timm-pervit to fix it, or '
