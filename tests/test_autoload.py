@@ -13,7 +13,7 @@ import sys
 import venv
 import zipfile
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Tuple
 
 import pytest
 
@@ -266,6 +266,46 @@ print(json.dumps(dict(interrupted=False, listed=timm.list_models('pervit*'),
     assert res == dict(interrupted=False, listed=[], vit='VisionTransformer')
     for part in ('SystemExit', 'reinstall timm-pervit', _autoload.ENV_OPT_OUT):  # the problem, then the fixes
         assert part in proc.stderr
+
+
+def _bare_venv(path: Path) -> Tuple[str, Path]:
+    """A new venv without pip or any package: (its python, its site-packages)."""
+    venv.EnvBuilder(with_pip=False, symlinks=os.name != 'nt').create(path)
+    python = str(path / ('Scripts' if os.name == 'nt' else 'bin') / 'python')
+    return python, _site_packages(python)[0]
+
+
+def test_pth_line_is_one_import_line():
+    """site executes only lines starting with `import `, one line each."""
+    assert _autoload.PTH_LINE.startswith('import ') and _autoload.PTH_LINE.count('\n') == 1
+    assert _autoload.PTH_LINE.endswith('\n')
+
+
+def test_pth_without_hook_module_is_silent(tmp_path):
+    """A partial uninstall (the .pth left, the hook module gone): start-up prints nothing and works."""
+    python, site_dir = _bare_venv(tmp_path / 'venv')
+    (site_dir / _autoload.PTH_NAME).write_text(_autoload.PTH_LINE)
+    proc = run_python('import sys; print(sys.flags.no_site)', tmp_path, python=python)
+    assert (proc.returncode, proc.stdout.strip(), proc.stderr) == (0, '0', '')
+
+
+def test_pth_processed_twice_installs_one_finder(tmp_path):
+    """The .pth run twice (venv start-up on Python 3.11, a lib64 -> lib symlink): one finder, no output."""
+    python, site_dir = _bare_venv(tmp_path / 'venv')
+    (site_dir / _autoload.PTH_NAME).write_text(_autoload.PTH_LINE)
+    shutil.copy2(_autoload.__file__, site_dir / f'{_autoload.HOOK_MODULE}.py')
+    alias = tmp_path / 'lib64'
+    alias.symlink_to(site_dir, target_is_directory=True)
+    code = f"""
+import json, site, sys
+meta = lambda: [type(f).__name__ for f in sys.meta_path if 'Timm' in type(f).__name__]
+at_start = meta()
+site.addsitedir({str(site_dir)!r}); site.addsitedir({str(alias)!r})  # what site does for lib and lib64
+print(json.dumps(dict(at_start=at_start, after=meta())))
+"""
+    proc = run_python(code, tmp_path, python=python)
+    assert proc.stderr == ''
+    assert last_json(proc) == dict(at_start=['_TimmImportFinder'], after=['_TimmImportFinder'])
 
 
 def test_install_in_process(monkeypatch):

@@ -4,8 +4,9 @@ timm's own scripts (train.py, validate.py, benchmark.py) only ``import timm`` an
 so the models must be registered without anyone importing ``timm_pervit``. The installation therefore ships two
 files at the top of site-packages (both regular and editable installs, written by the build step in ``setup.py``):
 
-* ``timm_pervit-autoload.pth``: one line, ``import _timm_pervit_autoload; _timm_pervit_autoload.install()``,
-  run by Python's ``site`` module at interpreter start-up;
+* ``timm_pervit-autoload.pth``: one line, run by Python's ``site`` module at interpreter start-up, that imports
+  ``_timm_pervit_autoload`` and calls its ``install()``; it does nothing, silently, when that module is gone (a
+  partial uninstall), instead of printing a traceback at every start-up;
 * ``_timm_pervit_autoload.py``: a copy of this module (stdlib only, so it can run before anything else).
 
 ``install()`` only adds a tiny finder to ``sys.meta_path``: nothing is imported at start-up (not torch, not timm,
@@ -47,8 +48,14 @@ PTH_NAME = 'timm_pervit-autoload.pth'
 #: Name under which a copy of this module is placed at the top of site-packages.
 HOOK_MODULE = '_timm_pervit_autoload'
 
-#: The single line of the start-up file (``site`` executes lines that start with ``import``).
-PTH_LINE = f'import {HOOK_MODULE}; {HOOK_MODULE}.install()\n'
+#: The single line of the start-up file. ``site`` executes lines that start with ``import`` and prints a traceback
+#: for any error, so the import of the hook module is guarded: a ``.pth`` left behind by a partial uninstall stays
+#: silent. ``sys`` is already imported at that point; the ``exec`` is needed for a ``try`` on a single line. When
+#: ``site`` processes the file twice (Python 3.11 venvs, ``lib64 -> lib`` symlinks), the second import comes from
+#: ``sys.modules`` and ``install()`` is idempotent.
+PTH_LINE = (
+    f'import sys; exec("try:\\n import {HOOK_MODULE}\\nexcept ImportError:\\n pass\\n'
+    f'else:\\n {HOOK_MODULE}.install()")\n')
 
 
 def is_disabled() -> bool:
