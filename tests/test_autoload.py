@@ -4,6 +4,7 @@ Every test runs a real subprocess of the installed package (``sys.executable``, 
 source tree cannot stand in for the installation). The slow tests build the package the way pip does (a regular
 wheel, an editable install) into brand-new virtual environments and check the start-up hook lands in site-packages.
 """
+import importlib.util
 import json
 import os
 import shutil
@@ -12,7 +13,7 @@ import sys
 import venv
 import zipfile
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Tuple
 
 import pytest
 
@@ -176,6 +177,135 @@ print(json.dumps(dict(model=type(model).__name__, listed=timm.list_models('pervi
     assert res == dict(model='VisionTransformer', listed=[], pervit_loaded=False)
     assert 'simulated broken installation' in proc.stderr
     assert _autoload.ENV_OPT_OUT in proc.stderr  # the warning names the way out
+
+
+_PROBE_THEN_IMPORT = """
+import importlib, importlib.metadata, importlib.util, json, pkgutil, sys
+def state():
+    return dict(timm='timm' in sys.modules, pervit='timm_pervit' in sys.modules,
+                hook=[type(f).__name__ for f in sys.meta_path if 'Timm' in type(f).__name__])
+{probe}
+probed = state()
+{load}
+print(json.dumps(dict(probed=probed, after=state(), listed=timm.list_models('pervit*'),
+                      loader=type(timm.__spec__.loader).__name__)))
+"""
+
+# An availability probe is not an import: the spec it gets is never executed, and the later import looks timm up anew
+_PROBES = {
+    'find_spec': ("importlib.util.find_spec('timm')", 'import timm'),
+    'find_spec_twice': ("importlib.util.find_spec('timm'); importlib.util.find_spec('timm')", 'import timm'),
+    'find_spec_import_module': ("importlib.util.find_spec('timm')", "timm = importlib.import_module('timm')"),
+    'pkgutil_find_loader': ("pkgutil.find_loader('timm')", 'import timm'),
+    'metadata_version': ("importlib.metadata.version('timm')", 'import timm'),
+    # looking up a submodule imports its parent for real: registration happens during the probe itself
+    'find_spec_submodule': ("importlib.util.find_spec('timm.models')", 'import timm'),
+    # the import-a-module-from-its-spec recipe executes the probe's own spec
+    'probe_spec_executed': (
+        "spec = importlib.util.find_spec('timm'); timm = importlib.util.module_from_spec(spec); "
+        "sys.modules['timm'] = timm; spec.loader.exec_module(timm)", 'pass'),
+}
+
+
+@pytest.mark.parametrize('probe', list(_PROBES))
+def test_import_probe_keeps_registration(tmp_path, probe):
+    """Finding timm (availability checks) before importing it: the later import still registers PerViT, once."""
+    probe_code, load_code = _PROBES[probe]
+    if probe == 'pkgutil_find_loader' and not hasattr(__import__('pkgutil'), 'find_loader'):
+        pytest.skip('pkgutil.find_loader was removed in this Python version')
+    proc = run_python(_PROBE_THEN_IMPORT.format(probe=probe_code, load=load_code), tmp_path)
+    res = last_json(proc)
+    assert set(res['listed']) >= {'pervit_tiny', 'pervit_small', 'pervit_medium'}
+    if probe in ('find_spec_submodule', 'probe_spec_executed'):
+        assert res['probed']['timm']
+    else:  # a probe costs nothing: timm not imported, the hook still waiting for the real import
+        assert res['probed'] == dict(timm=False, pervit=False, hook=['_TimmImportFinder'])
+    assert res['after'] == dict(timm=True, pervit=True, hook=[])  # registered, then the finder removed itself
+    assert res['loader'] != '_RegisteringLoader'
+    assert 'timm_pervit' not in proc.stderr
+
+
+def test_transformers_then_timm_registers_pervit(tmp_path):
+    """transformers probes timm (importlib.util.find_spec, importlib.metadata) on import: timm still gets PerViT."""
+    if importlib.util.find_spec('transformers') is None:
+        pytest.skip('transformers is not installed (needed to check its timm availability probe)')
+    code = """
+import json, sys
+import transformers
+from transformers.utils import is_timm_available
+available, imported = is_timm_available(), 'timm' in sys.modules
+import timm
+print(json.dumps(dict(available=available, imported=imported, listed=timm.list_models('pervit*'))))
+"""
+    res = last_json(run_python(code, tmp_path))
+    assert res['available'] and not res['imported']  # transformers did probe, without importing timm
+    assert set(res['listed']) >= {'pervit_tiny', 'pervit_small', 'pervit_medium'}
+
+
+@pytest.mark.parametrize('error', ['SystemExit(0)', "SystemExit('simulated exit')", 'KeyboardInterrupt()'])
+def test_package_raising_base_exception(tmp_path, error):
+    """A SystemExit from importing the package must not end the process importing timm; Ctrl-C still stops it."""
+    sandbox = tmp_path / 'sandbox'
+    (sandbox / 'timm_pervit').mkdir(parents=True)
+    (sandbox / 'timm_pervit' / '__init__.py').write_text(f'raise {error}\n')
+    code = """
+import json, sys
+try:
+    import timm
+except KeyboardInterrupt:
+    print(json.dumps(dict(interrupted=True)))
+    sys.exit(0)
+print(json.dumps(dict(interrupted=False, listed=timm.list_models('pervit*'),
+                      vit=type(timm.create_model('test_vit')).__name__)))
+"""
+    proc = run_python(code, tmp_path, env={'PYTHONPATH': str(sandbox)})
+    res = last_json(proc)
+    if error.startswith('KeyboardInterrupt'):
+        assert res == dict(interrupted=True)
+        return
+    assert res == dict(interrupted=False, listed=[], vit='VisionTransformer')
+    for part in ('SystemExit', 'reinstall timm-pervit', _autoload.ENV_OPT_OUT):  # the problem, then the fixes
+        assert part in proc.stderr
+
+
+def _bare_venv(path: Path) -> Tuple[str, Path]:
+    """A new venv without pip or any package: (its python, its site-packages)."""
+    venv.EnvBuilder(with_pip=False, symlinks=os.name != 'nt').create(path)
+    python = str(path / ('Scripts' if os.name == 'nt' else 'bin') / 'python')
+    return python, _site_packages(python)[0]
+
+
+def test_pth_line_is_one_import_line():
+    """site executes only lines starting with `import `, one line each."""
+    assert _autoload.PTH_LINE.startswith('import ') and _autoload.PTH_LINE.count('\n') == 1
+    assert _autoload.PTH_LINE.endswith('\n')
+
+
+def test_pth_without_hook_module_is_silent(tmp_path):
+    """A partial uninstall (the .pth left, the hook module gone): start-up prints nothing and works."""
+    python, site_dir = _bare_venv(tmp_path / 'venv')
+    (site_dir / _autoload.PTH_NAME).write_text(_autoload.PTH_LINE)
+    proc = run_python('import sys; print(sys.flags.no_site)', tmp_path, python=python)
+    assert (proc.returncode, proc.stdout.strip(), proc.stderr) == (0, '0', '')
+
+
+def test_pth_processed_twice_installs_one_finder(tmp_path):
+    """The .pth run twice (venv start-up on Python 3.11, a lib64 -> lib symlink): one finder, no output."""
+    python, site_dir = _bare_venv(tmp_path / 'venv')
+    (site_dir / _autoload.PTH_NAME).write_text(_autoload.PTH_LINE)
+    shutil.copy2(_autoload.__file__, site_dir / f'{_autoload.HOOK_MODULE}.py')
+    alias = tmp_path / 'lib64'
+    alias.symlink_to(site_dir, target_is_directory=True)
+    code = f"""
+import json, site, sys
+meta = lambda: [type(f).__name__ for f in sys.meta_path if 'Timm' in type(f).__name__]
+at_start = meta()
+site.addsitedir({str(site_dir)!r}); site.addsitedir({str(alias)!r})  # what site does for lib and lib64
+print(json.dumps(dict(at_start=at_start, after=meta())))
+"""
+    proc = run_python(code, tmp_path, python=python)
+    assert proc.stderr == ''
+    assert last_json(proc) == dict(at_start=['_TimmImportFinder'], after=['_TimmImportFinder'])
 
 
 def test_install_in_process(monkeypatch):
