@@ -77,6 +77,12 @@ CANDIDATE_OPTIONS = ('compile', 'amp', 'channels_last')
 #: Relative tolerance of the correctness gate for full-precision candidates: (outputs, gradients).
 TOLERANCES = {'float32': (2e-4, 2e-3), 'float64': (1e-9, 1e-7)}
 
+#: Relative tolerance (outputs, gradients) of the official code's float64 run against the float64 truth. Looser than
+#: ``TOLERANCES['float64']`` because the official code builds its distance table in float32 whatever the model's
+#: dtype, which puts float32 rounding of the distances into its float64 results; still far below the error of any
+#: float32 run, and far below what a real difference in the computation (a missing term, a wrong weight) causes.
+OFFICIAL_TRUTH_TOLERANCES = {'float64': (1e-8, 1e-6)}
+
 
 class CorrectnessError(RuntimeError):
     """A candidate's results differ from the reference beyond the tolerance: its timings would be meaningless."""
@@ -416,9 +422,9 @@ class CorrectnessGate:
     def check_official_truth(self, runner: _Runner) -> float:
         """Run the official code in the truth's dtype and compare it with the truth (the explicit formula).
 
-        Both compute the same function on the same weights in float64, so they must agree to float64 rounding
-        (``TOLERANCES['float64']``): this checks the explicit formula (and the weight conversion) against the
-        authors' own code, on the benchmark batch, in this process.
+        Both compute the same function on the same weights in float64, so they must agree to float64 rounding plus
+        that of the official float32 distance table (``OFFICIAL_TRUTH_TOLERANCES``): this checks the explicit
+        formula (and the weight conversion) against the authors' own code, on the benchmark batch, in this process.
 
         Returns:
             The largest relative error (output and, in training, every parameter gradient).
@@ -431,7 +437,7 @@ class CorrectnessGate:
         errs = _errors(*_run_restoring(r, amp=False), *self.truth)
         del r
         dtype = str(self.truth_dtype).replace('torch.', '')
-        out_tol, grad_tol = TOLERANCES[dtype]
+        out_tol, grad_tol = OFFICIAL_TRUTH_TOLERANCES.get(dtype, TOLERANCES[dtype])
         what = max(errs, key=lambda k: errs[k] / (out_tol if k == 'output' else grad_tol))
         if not errs[what] <= (out_tol if what == 'output' else grad_tol):
             raise CorrectnessError(
