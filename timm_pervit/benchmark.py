@@ -3,7 +3,8 @@
 ``python -m timm_pervit.benchmark`` (also ``pervit-benchmark`` and ``python -m timm_pervit benchmark``) times the
 model as shipped -- and optionally with ``torch.compile``, bfloat16 autocast and channels-last input -- side by side
 with ``reference``: the same weights run through the official computation (explicit attention formula, unfolded
-position encoder rebuilt every forward, see ``timm_pervit.reference``).
+position encoder rebuilt every training step and computed once at inference, as the official code does; see
+``timm_pervit.reference``).
 
 How it measures:
 
@@ -19,9 +20,23 @@ How it measures:
 * MACs counted with ``torch.utils.flop_counter`` on the candidate's own (eager) computation; achieved GFLOP/s is
   2 * MACs * img/s, and the roofline is a large GEMM timed in-process in the candidate's compute dtype.
 
+Two more kinds of rows can join the same rounds:
+
+* ``--official-repo PATH``: ``official``, the authors' own code imported from a checkout of
+  https://github.com/juhongm999/pervit (see ``timm_pervit.official``) with the same weights, in float32 eager, prepared
+  as its scripts do (``init_rpe()`` at inference, position attention rebuilt every training step). It is gated like
+  any candidate, and in addition its float64 run must reproduce the float64 truth (the explicit formula) to float64
+  rounding; ``--baseline official`` makes it the row the ratios are taken against. It only accepts 224 x 224 input
+  (its distance table is built for 14 x 14 tokens); at other sizes it is left out with a warning.
+* ``--peers NAME[,NAME...]``: other timm models (e.g. ``deit_tiny_patch16_224``), eager, same batch, input size and
+  mode, so PerViT's efficiency (img/s, GMACs, % of the GEMM roofline) can be set against timm's own models. Peers
+  compute other functions: they are not correctness-gated (``peer`` in the error column).
+
 Example::
 
     python -m timm_pervit.benchmark --model pervit_tiny --batch-size 32 --threads 2 --mode both --amp --compile
+    python -m timm_pervit.benchmark --model pervit_tiny --batch-size 32 --threads 2 --mode both \
+        --official-repo ../pervit --peers deit_tiny_patch16_224,convit_tiny
 """
 import argparse
 import contextlib
@@ -44,6 +59,8 @@ import torch.nn.functional as F
 import timm
 
 from .flops import flop_counter_mode
+from .official import (
+    OfficialCode, build_official_model, load_official_code, official_grads_to_timm, official_token_grid)
 from .pervit import PerViT, checkpoint_filter_fn
 from .reference import OfficialFormula
 
@@ -60,6 +77,12 @@ CANDIDATE_OPTIONS = ('compile', 'amp', 'channels_last')
 #: Relative tolerance of the correctness gate for full-precision candidates: (outputs, gradients).
 TOLERANCES = {'float32': (2e-4, 2e-3), 'float64': (1e-9, 1e-7)}
 
+#: Relative tolerance (outputs, gradients) of the official code's float64 run against the float64 truth. Looser than
+#: ``TOLERANCES['float64']`` because the official code builds its distance table in float32 whatever the model's
+#: dtype, which puts float32 rounding of the distances into its float64 results; still far below the error of any
+#: float32 run, and far below what a real difference in the computation (a missing term, a wrong weight) causes.
+OFFICIAL_TRUTH_TOLERANCES = {'float64': (1e-8, 1e-6)}
+
 
 class CorrectnessError(RuntimeError):
     """A candidate's results differ from the reference beyond the tolerance: its timings would be meaningless."""
@@ -67,12 +90,19 @@ class CorrectnessError(RuntimeError):
 
 @dataclass(frozen=True)
 class Candidate:
-    """One way of running the model. ``reference`` is the explicit official formulation (always fp32 eager)."""
+    """One way of running the model. ``reference`` is the explicit official formulation (always fp32 eager),
+    ``official`` the authors' code (fp32 eager), ``peer`` another timm model named ``name`` (fp32 eager, ungated)."""
     name: str
     reference: bool = False
     compile: bool = False
     amp: bool = False
     channels_last: bool = False
+    official: bool = False
+    peer: bool = False
+
+    @property
+    def kind(self) -> str:
+        return 'reference' if self.reference else 'official' if self.official else 'peer' if self.peer else 'ours'
 
 
 @dataclass
@@ -82,6 +112,8 @@ class BenchmarkResult:
     mode: str
     img_size: int
     batch_size: int
+    kind: str = 'ours'
+    baseline: str = 'reference'
     img_per_s: List[float] = field(default_factory=list)
     ratio: float = float('nan')
     peak_mem_mb: float = float('nan')
@@ -93,6 +125,7 @@ class BenchmarkResult:
     max_rel_err: float = float('nan')
     warmup_s: float = float('nan')
     pos_share: float = float('nan')
+    f64_err: float = float('nan')  # official only: its float64 run against the float64 truth
 
     @property
     def median(self) -> float:
@@ -118,11 +151,16 @@ class BenchmarkResult:
         return {k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in d.items()}
 
 
-def parse_candidates(names: Sequence[str]) -> List[Candidate]:
+def parse_candidates(names: Sequence[str], official: bool = False, peers: Sequence[str] = ()) -> List[Candidate]:
     """Turn names like ``eager``, ``compile``, ``amp+channels_last`` into candidates (the reference comes first).
 
+    Args:
+        names: Candidate names of this implementation.
+        official: Add ``official``, the authors' code (needs an ``OfficialCode`` in ``run_benchmark``).
+        peers: Names of timm models to time alongside (after the PerViT candidates).
+
     Raises:
-        ValueError: For an unknown option, naming the accepted ones.
+        ValueError: For an unknown option, naming the accepted ones, or a peer timm does not know.
     """
     out = [Candidate('reference', reference=True)]
     for name in names:
@@ -136,6 +174,16 @@ def parse_candidates(names: Sequence[str]) -> List[Candidate]:
         if any(c.name == name for c in out):
             continue
         out.append(Candidate(name, compile='compile' in opts, amp='amp' in opts, channels_last='channels_last' in opts))
+    if official:
+        out.append(Candidate('official', official=True))
+    for name in peers:
+        name = name.strip()
+        if not name or any(c.name == name for c in out):
+            continue
+        if not timm.is_model(name):
+            raise ValueError(f'Unknown peer model {name!r}: --peers takes timm model names, e.g. '
+                             f'deit_tiny_patch16_224,convit_tiny (see timm.list_models()).')
+        out.append(Candidate(name, peer=True))
     return out
 
 
@@ -223,13 +271,36 @@ def peak_memory(fn: Callable[[], Any], device: torch.device) -> Tuple[float, flo
     return peak, float('nan')
 
 
-class _Runner:
-    """A candidate's own model copy (and optimizer) with a ``step()`` for one mode."""
+def _create_peer(name: str, base: PerViT, img_size: int, device: torch.device, seed: int = 0) -> nn.Module:
+    """A randomly initialised timm model for ``img_size`` inputs with ``base``'s number of classes."""
+    torch.manual_seed(seed)
+    kwargs = dict(num_classes=base.num_classes, in_chans=base.in_chans)
+    try:
+        model = timm.create_model(name, img_size=img_size, **kwargs)
+    except TypeError:  # models without a fixed input size (e.g. CNNs) take no img_size
+        model = timm.create_model(name, **kwargs)
+    return model.to(device)
 
-    def __init__(self, cand: Candidate, base: PerViT, x: torch.Tensor, y: torch.Tensor, mode: str):
+
+class _Runner:
+    """A candidate's own model copy (and optimizer) with a ``step()`` for one mode.
+
+    ``model`` holds the parameters (a PerViT, the official model or a peer), ``module`` is what a step calls.
+    """
+
+    def __init__(self, cand: Candidate, base: PerViT, x: torch.Tensor, y: torch.Tensor, mode: str,
+                 official_code: Optional[OfficialCode] = None):
         self.cand = cand
         self.mode = mode
-        model = copy.deepcopy(base)
+        self.official_code = official_code
+        if cand.official:
+            if official_code is None:
+                raise ValueError('the official candidate needs the official code (run_benchmark(official_code=...))')
+            model = build_official_model(official_code, base, mode, device=x.device, dtype=x.dtype)
+        elif cand.peer:
+            model = _create_peer(cand.name, base, x.shape[-1], x.device).to(x.dtype)
+        else:
+            model = copy.deepcopy(base)
         if cand.channels_last:
             model = model.to(memory_format=torch.channels_last)
             x = x.contiguous(memory_format=torch.channels_last)
@@ -272,9 +343,11 @@ class _Runner:
         _sync(self.device)
 
     def grads(self) -> Dict[str, torch.Tensor]:
-        return {
+        """Parameter gradients keyed by this implementation's parameter names."""
+        grads = {
             n: p.grad.detach().to(torch.promote_types(p.grad.dtype, torch.float32), copy=True)
             for n, p in self.model.named_parameters() if p.grad is not None}
+        return official_grads_to_timm(grads) if self.cand.official else grads
 
 
 def _rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -345,6 +418,34 @@ class CorrectnessGate:
             else:
                 self._own_errors[amp] = _errors(*_run_restoring(self.reference, amp=amp), *self.truth)
         return self._own_errors[amp]
+
+    def check_official_truth(self, runner: _Runner) -> float:
+        """Run the official code in the truth's dtype and compare it with the truth (the explicit formula).
+
+        Both compute the same function on the same weights in float64, so they must agree to float64 rounding plus
+        that of the official float32 distance table (``OFFICIAL_TRUTH_TOLERANCES``): this checks the explicit
+        formula (and the weight conversion) against the authors' own code, on the benchmark batch, in this process.
+
+        Returns:
+            The largest relative error (output and, in training, every parameter gradient).
+
+        Raises:
+            CorrectnessError: When the two disagree.
+        """
+        ref = self.reference
+        r = _Runner(runner.cand, ref.model, ref.x.to(self.truth_dtype), ref.y, ref.mode, runner.official_code)
+        errs = _errors(*_run_restoring(r, amp=False), *self.truth)
+        del r
+        dtype = str(self.truth_dtype).replace('torch.', '')
+        out_tol, grad_tol = OFFICIAL_TRUTH_TOLERANCES.get(dtype, TOLERANCES[dtype])
+        what = max(errs, key=lambda k: errs[k] / (out_tol if k == 'output' else grad_tol))
+        if not errs[what] <= (out_tol if what == 'output' else grad_tol):
+            raise CorrectnessError(
+                f'the official code ({ref.mode}, {dtype}) disagrees with the explicit formula ({dtype}): relative '
+                f'error of the {what} is {errs[what]:.3g}, tolerance {out_tol if what == "output" else grad_tol:.3g}. '
+                f'The explicit formula or the weight conversion (timm_pervit.convert.to_official) is wrong, or the '
+                f'official code at {runner.official_code.path} is not the released one.')
+        return max(errs.values())
 
     def check(self, runner: _Runner) -> float:
         """Compare a candidate with the truth before any timing.
@@ -419,14 +520,18 @@ def run_benchmark(
         progress: bool = True,
         seed: int = 0,
         gate_float64: bool = True,
+        official_code: Optional[OfficialCode] = None,
+        baseline: str = 'reference',
 ) -> List[BenchmarkResult]:
     """Benchmark ``candidates`` (the first must be the reference) on one input size in one mode.
 
     ``gate_float64=False`` checks the candidates against the reference's own float32 run instead of a float64 one
-    (see ``CorrectnessGate``).
+    (see ``CorrectnessGate``). ``official_code`` is needed by an ``official`` candidate, which is left out (with a
+    warning) at input sizes the official code does not accept. Ratios are taken against the ``baseline`` candidate
+    (the reference when that one is not in the run).
 
     Raises:
-        CorrectnessError: When a candidate disagrees with the reference.
+        CorrectnessError: When a candidate disagrees with the reference, or the official code with the truth.
     """
     if not candidates or not candidates[0].reference:
         raise ValueError('the first candidate must be the reference (use parse_candidates())')
@@ -434,20 +539,43 @@ def run_benchmark(
     x = torch.randn(batch_size, base.in_chans, img_size, img_size, generator=g).to(device)
     num_classes = max(base.num_classes, 1)
     y = torch.randint(0, num_classes, (batch_size,), generator=g).to(device)
-    runners = [_Runner(c, base, x, y, mode) for c in candidates]
-    results = [BenchmarkResult(c.name, mode, img_size, batch_size) for c in candidates]
-    n_params = sum(p.numel() for p in base.parameters())
+    runners = []
+    for c in candidates:
+        runner = _Runner(c, base, x, y, mode, official_code)
+        grid = official_token_grid(runner.model) if c.official else None
+        if grid is not None and (grid, grid) != _token_grid(base, img_size):
+            _logger.warning('leaving out the official code at %dpx: it only accepts a %dx%d token grid (%dpx input)',
+                            img_size, grid, grid, img_size * grid // _token_grid(base, img_size)[0])
+            continue
+        runners.append(runner)
+    names = [r.cand.name for r in runners]
+    if baseline not in names:
+        _logger.warning('baseline %r is not in the %s %dpx run: ratios are against the reference', baseline, mode,
+                        img_size)
+        baseline = 'reference'
+    base_idx = names.index(baseline)
+    results = [BenchmarkResult(r.cand.name, mode, img_size, batch_size, r.cand.kind, baseline) for r in runners]
 
-    # correctness gate (it is also the first warm-up call, which compiles the compiled candidates)
+    # correctness gate (it is also the first warm-up call, which compiles the compiled candidates); peers compute
+    # other functions and are not gated
     gate = CorrectnessGate(runners[0], float64=gate_float64)
     for runner, res in zip(runners, results):
         t = time.perf_counter()
-        res.max_rel_err = max(gate.reference_errors(False).values()) if runner.cand.reference else gate.check(runner)
+        if runner.cand.reference:
+            res.max_rel_err = max(gate.reference_errors(False).values())
+        elif runner.cand.peer:
+            _run_restoring(runner)  # warm-up only
+        else:
+            res.max_rel_err = gate.check(runner)
         res.warmup_s = time.perf_counter() - t
-        res.params = n_params
+        if runner.cand.official and gate.truth_dtype != runner.x.dtype:
+            res.f64_err = gate.check_official_truth(runner)
+        res.params = sum(p.numel() for p in runner.model.parameters())
         if rooflines is not None:
             res.roofline_gflops = rooflines.get(runner.compute_dtype, float('nan'))
+    del gate
 
+    ours = next((r for r in runners if r.cand.kind == 'ours'), None)
     with _progress(len(runners) * (warmup + iters), f'{mode} {img_size}px', progress) as bar:
         for _ in range(warmup):
             for runner in runners:
@@ -461,27 +589,28 @@ def run_benchmark(
                 runner.step()
                 per_round[i].append(time.perf_counter() - t)
                 bar.update()
-            if mode == 'train' and len(runners) > 1:
+            if mode == 'train' and ours is not None:
                 # the position attention is rebuilt (with backward) every training step: time it in the same round
-                pos_times.append(_position_build_seconds(runners[1].model, *_token_grid(base, img_size)))
-    ref_times = per_round[0]
+                pos_times.append(_position_build_seconds(ours.model, *_token_grid(base, img_size)))
+    base_times = per_round[base_idx]
     for res, times in zip(results, per_round):
         res.img_per_s = [batch_size / t for t in times]
-        res.ratio = statistics.median(r / t for r, t in zip(ref_times, times))
+        res.ratio = statistics.median(r / t for r, t in zip(base_times, times))
 
     for runner, res in zip(runners, results):
         res.peak_mem_mb, res.step_mem_mb = peak_memory(runner.step, device)
         eager = runner.module  # count the eager computation (compile and autocast change how, not what)
         res.gmacs_per_img = count_macs(lambda: runner.forward_backward(eager)) / batch_size / 1e9
         runner.module.zero_grad(set_to_none=True)
-    ref_step = results[0].step_mem_mb
+    base_step = results[base_idx].step_mem_mb
     for res in results:
-        res.mem_ratio = res.step_mem_mb / ref_step if ref_step and ref_step > 0 else float('nan')
+        res.mem_ratio = res.step_mem_mb / base_step if base_step and base_step > 0 else float('nan')
 
     # share of a training step spent building the position attention (cached at inference: no share)
     if pos_times:
-        for res, times in zip(results[1:], per_round[1:]):
-            res.pos_share = statistics.median(p / t for p, t in zip(pos_times, times))
+        for res, times in zip(results, per_round):
+            if res.kind == 'ours':
+                res.pos_share = statistics.median(p / t for p, t in zip(pos_times, times))
     del runners
     gc.collect()
     return results
@@ -492,22 +621,31 @@ def _fmt(v: float, spec: str) -> str:
 
 
 def format_table(results: Sequence[BenchmarkResult], device: torch.device) -> str:
-    """A Markdown table of results (one row per candidate, mode and input size)."""
+    """A Markdown table of results (one row per candidate, mode and input size).
+
+    ``ratio`` and ``step MiB (ratio)`` are against each row's ``baseline``; ``peer`` rows (other models) have no
+    error; the ``official`` row's error column adds its float64 run's error against the float64 truth.
+    """
     mem = 'peak alloc MiB' if device.type == 'cuda' else 'peak RSS MiB'
     head = [
         'mode', 'img', 'batch', 'candidate', 'img/s median (min-max)', 'ratio', mem, 'step MiB (ratio)', 'params',
         'GMACs/img', 'GFLOP/s', '% roofline', 'pos build', 'max rel err']
     rows = []
     for r in results:
-        pos = 'cached' if r.mode == 'infer' and r.candidate != 'reference' else (
-            'every fwd' if r.candidate == 'reference' else _fmt(100 * r.pos_share, '.1f') + '%')
+        if r.kind == 'peer':
+            pos, err = '-', 'peer'
+        else:
+            pos = ('init_rpe' if r.kind == 'official' else 'cached') if r.mode == 'infer' else (
+                _fmt(100 * r.pos_share, '.1f') + '%' if r.kind == 'ours' else 'every fwd')
+            err = _fmt(r.max_rel_err, '.1e')
+            if not math.isnan(r.f64_err):
+                err += f' (f64 {_fmt(r.f64_err, ".0e")})'
         rows.append([
             r.mode, str(r.img_size), str(r.batch_size), r.candidate,
             f'{_fmt(r.median, ".1f")} ({_fmt(min(r.img_per_s), ".1f")}-{_fmt(max(r.img_per_s), ".1f")})',
             _fmt(r.ratio, '.2f') + 'x', _fmt(r.peak_mem_mb, '.0f'),
             f'{_fmt(r.step_mem_mb, ".0f")} ({_fmt(r.mem_ratio, ".2f")}x)', f'{r.params:,}',
-            _fmt(r.gmacs_per_img, '.3f'), _fmt(r.achieved_gflops, '.0f'), _fmt(r.roofline_pct, '.0f'), pos,
-            _fmt(r.max_rel_err, '.1e'),
+            _fmt(r.gmacs_per_img, '.3f'), _fmt(r.achieved_gflops, '.0f'), _fmt(r.roofline_pct, '.0f'), pos, err,
         ])
     lines = ['| ' + ' | '.join(head) + ' |', '|' + '---|' * len(head)]
     lines += ['| ' + ' | '.join(row) + ' |' for row in rows]
@@ -550,6 +688,13 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument('--compile', action='store_true', help='add the torch.compile candidate')
     p.add_argument('--amp', action='store_true', help='add the bfloat16 autocast candidate')
     p.add_argument('--channels-last', action='store_true', help='add the channels-last input/stem candidate')
+    p.add_argument('--official-repo', default='', metavar='PATH',
+                   help='a checkout of the official code (github.com/juhongm999/pervit): adds its model, on the same '
+                        'weights, as the "official" candidate (224px input only; needs einops)')
+    p.add_argument('--peers', default='', metavar='NAME[,NAME...]',
+                   help='timm models to time in the same rounds (e.g. deit_tiny_patch16_224,convit_tiny); not gated')
+    p.add_argument('--baseline', default='reference',
+                   help='candidate the ratios are taken against, e.g. official')
     p.add_argument('--threads', type=int, default=0, help='torch CPU threads (0: leave the default)')
     p.add_argument('--warmup', type=int, default=2, help='warm-up steps per candidate (after the correctness check)')
     p.add_argument('--iters', type=int, default=10, help='timed rounds; each round runs every candidate once')
@@ -576,10 +721,17 @@ def main(argv: Optional[List[str]] = None) -> int:
     names = [n for n in args.candidates.split(',') if n.strip()]
     names += [n for flag, n in ((args.compile, 'compile'), (args.amp, 'amp'), (args.channels_last, 'channels_last'))
               if flag]
+    official_code = None
     try:
-        candidates = parse_candidates(names)
+        candidates = parse_candidates(
+            names, official=bool(args.official_repo), peers=[n for n in args.peers.split(',') if n.strip()])
+        if args.baseline not in [c.name for c in candidates]:
+            raise ValueError(f'--baseline {args.baseline!r} is not a candidate of this run: use one of '
+                             f'{", ".join(c.name for c in candidates)}')
         base = _build_model(args, device)
-    except ValueError as e:
+        if args.official_repo:
+            official_code = load_official_code(args.official_repo)
+    except (ValueError, FileNotFoundError, ImportError) as e:
         print(f'error: {e}', file=sys.stderr)
         return 2
     rooflines = None
@@ -595,7 +747,7 @@ def main(argv: Optional[List[str]] = None) -> int:
                 results += run_benchmark(
                     base, candidates, size, args.batch_size, mode, device, warmup=args.warmup, iters=args.iters,
                     rooflines=rooflines, progress=not args.no_progress, seed=args.seed,
-                    gate_float64=not args.gate_float32)
+                    gate_float64=not args.gate_float32, official_code=official_code, baseline=args.baseline)
     except CorrectnessError as e:
         print(f'error: correctness check failed: {e}', file=sys.stderr)
         return 1
@@ -604,6 +756,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         torch=torch.__version__, timm=timm.__version__, command='pervit-benchmark ' + ' '.join(
             sys.argv[1:] if argv is None else argv),
         gemm_roofline_gflops={str(k).replace('torch.', ''): v for k, v in (rooflines or {}).items()},
+        official_repo=str(official_code.path) if official_code else None, baseline=args.baseline,
         device_name=torch.cuda.get_device_name(device) if device.type == 'cuda' else _cpu_name(),
     )
     payload = dict(meta=meta, results=[r.to_dict() for r in results])
@@ -614,7 +767,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         print(json.dumps(payload, indent=2))
     else:
         roof = ', '.join(f'{k} {v:.0f} GFLOP/s' for k, v in meta['gemm_roofline_gflops'].items())
-        print(f'{meta["device_name"]}, {meta["threads"]} threads, torch {meta["torch"]}; GEMM roofline: {roof or "-"}')
+        print(f'{meta["device_name"]}, {meta["threads"]} threads, torch {meta["torch"]}; GEMM roofline: {roof or "-"}; '
+              f'ratios against {args.baseline}')
         print(format_table(results, device))
     return 0
 

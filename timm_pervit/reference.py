@@ -7,12 +7,13 @@ runs the forward pass the way the official release computes it, written from the
   ``L1-normalize_rows(phi_p * exp(q k^T * scale - rowmax))`` (``phi_p = sigmoid(.)``) before multiplying with v;
 * the position encoder applies the shared ``Linear(1, 4H)`` distance projection to every query-key distance and
   runs each block's first position conv on that 4H-channel map;
-* the position attention is rebuilt on every forward pass (the official model only reuses it after a manual
-  ``init_rpe()`` call), in training and at inference alike.
+* the position attention is handled as the official code handles it in each mode: rebuilt on every forward pass
+  in training, computed once and reused at inference (the official evaluation calls ``init_rpe()`` after loading the
+  weights, which stores every block's position attention; later forwards use the stored tensors).
 
 Only the benchmark uses it; the model itself (``timm_pervit.pervit``) computes the same function faster.
 """
-from typing import List
+from typing import Any, Dict, List, Tuple
 
 import torch
 import torch.nn as nn
@@ -64,6 +65,12 @@ class OfficialFormula(nn.Module):
 
     The wrapped model is registered as a submodule, so ``.train()``, ``.parameters()``, ``.to()`` and optimizers act
     on the very same tensors the model uses.
+
+    In eval mode the position attention of a token grid is computed on first use and kept, like the official model
+    after ``init_rpe()``: later changes of the position-encoding weights are not seen until ``train()``/``eval()``
+    or a dtype/device move drops it, and no gradient reaches those weights through it. It is computed outside any
+    autocast region (the official evaluation calls ``init_rpe()`` before entering autocast), so it is full precision.
+    In training mode it is rebuilt on every forward, as the official training does.
     """
 
     def __init__(self, model: PerViT):
@@ -71,12 +78,32 @@ class OfficialFormula(nn.Module):
         if not isinstance(model, PerViT):
             raise TypeError(f'OfficialFormula wraps a timm_pervit PerViT model, got {type(model).__name__}.')
         self.model = model
+        self._phi_cache: Dict[Tuple[Any, ...], List[torch.Tensor]] = {}
+
+    def train(self, mode: bool = True) -> 'OfficialFormula':
+        self._phi_cache.clear()
+        return super().train(mode)
+
+    def _apply(self, fn, *args, **kwargs):
+        self._phi_cache.clear()  # computed from the old dtype/device copy of the weights
+        return super()._apply(fn, *args, **kwargs)
+
+    def position_attention(self, h: int, w: int) -> List[torch.Tensor]:
+        """Every block's ``phi_p`` for an h x w token grid: rebuilt in training, computed once in eval mode."""
+        if self.training:
+            return official_position_attention(self.model, h, w)
+        weight = self.model.pos_embed.dist_proj.weight
+        key = (h, w, weight.device, weight.dtype)
+        if key not in self._phi_cache:
+            with torch.no_grad(), torch.autocast(weight.device.type, enabled=False):
+                self._phi_cache[key] = official_position_attention(self.model, h, w)
+        return self._phi_cache[key]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         m = self.model
         x = m.stem(x).permute(0, 2, 3, 1)  # NHWC token grid
         B, h, w, _ = x.shape
-        phis = official_position_attention(m, h, w)
+        phis = self.position_attention(h, w)
         for blk, phi in zip(m.blocks, phis):
             C = x.shape[-1]
             y = blk.dwconv(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
