@@ -86,7 +86,7 @@ def test_reference_caches_position_attention_at_inference_only(monkeypatch):
     ref.train()
     for _ in range(2):
         ref(x.double()).sum().backward()
-    assert len(calls) == 5 and ref.model.pos_embed.dist_proj.weight.grad is not None
+    assert len(calls) == 5 and ref.model.pos_attn.dist_proj.weight.grad is not None
 
 
 @pytest.mark.slow
@@ -223,7 +223,7 @@ import torch.nn as nn
 from torch.func import functional_call
 
 from timm_pervit.convert import to_official
-from timm_pervit.pervit import PerViT, convert_official
+from timm_pervit.pervit import PerViT, official_to_timm as convert_official
 from timm_pervit.reference import OfficialFormula
 
 from .utils import offsets

@@ -58,6 +58,7 @@ import torch.nn.functional as F
 
 import timm
 
+from .checkpoint_io import load_checkpoint
 from .flops import flop_counter_mode
 from .official import (
     OfficialCode, build_official_model, load_official_code, official_grads_to_timm, official_token_grid)
@@ -663,9 +664,7 @@ def _build_model(args: argparse.Namespace, device: torch.device) -> PerViT:
             f'--model {args.model!r} is a {type(model).__name__}, not a PerViT: the reference only knows how to run '
             f'PerViT weights. Use pervit_tiny, pervit_small or pervit_medium.')
     if args.checkpoint:
-        from safetensors.torch import load_file
-        sd = load_file(args.checkpoint) if args.checkpoint.endswith('.safetensors') else torch.load(
-            args.checkpoint, map_location='cpu', weights_only=True)
+        sd = load_checkpoint(args.checkpoint)  # official or timm layout, .pth or .safetensors
         model.load_state_dict(checkpoint_filter_fn(sd, model))
     return model.to(device)
 

@@ -11,7 +11,7 @@ module runs that code as its authors run it, from a checkout the user points at,
 * ``cuda_redirect(device)`` makes ``.cuda()`` / ``.to('cuda')`` land on ``device`` while the model is built (the
   official constructor puts its initialisation constants and its distance table on the GPU that way).
 * ``build_official_model(code, model, mode)`` builds the matching variant, loads ``model``'s weights through
-  ``timm_pervit.convert.to_official`` strictly, and prepares it the way the official scripts do: at inference
+  ``timm_pervit.pervit.timm_to_official`` strictly, and prepares it the way the official scripts do: at inference
   ``init_rpe()`` computes every block's position attention once (``main.py`` calls it after loading weights for
   evaluation); in training nothing is stored, so the position attention is rebuilt every step.
 
@@ -33,8 +33,8 @@ from typing import Dict, Iterator, Optional, Union
 import torch
 import torch.nn as nn
 
-from .convert import to_official
-from .pervit import PerViT, convert_official, infer_variant
+from .convert import infer_variant
+from .pervit import PerViT, official_to_timm, timm_to_official
 
 __all__ = [
     'OfficialCode', 'OFFICIAL_DEPTHS', 'cuda_redirect', 'load_official_code', 'build_official_model',
@@ -210,10 +210,10 @@ def build_official_model(
     """
     if mode not in ('infer', 'train'):
         raise ValueError(f"mode must be 'infer' or 'train', got {mode!r}")
-    ref_param = model.pos_embed.dist_proj.weight
+    ref_param = model.pos_attn.dist_proj.weight
     device = torch.device(device) if device is not None else ref_param.device
     dtype = dtype or ref_param.dtype
-    state_dict = to_official(model.state_dict())
+    state_dict = timm_to_official(model.state_dict())
     n_blocks = len(model.blocks)
     if n_blocks != sum(OFFICIAL_DEPTHS):
         raise ValueError(
@@ -245,4 +245,4 @@ def official_token_grid(net: nn.Module) -> Optional[int]:
 
 def official_grads_to_timm(grads: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
     """Rename gradients keyed by official parameter names to this implementation's parameter names."""
-    return convert_official(grads)
+    return official_to_timm(grads)

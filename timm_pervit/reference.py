@@ -92,7 +92,7 @@ class OfficialFormula(nn.Module):
         """Every block's ``phi_p`` for an h x w token grid: rebuilt in training, computed once in eval mode."""
         if self.training:
             return official_position_attention(self.model, h, w)
-        weight = self.model.pos_embed.dist_proj.weight
+        weight = self.model.pos_attn.dist_proj.weight
         key = (h, w, weight.device, weight.dtype)
         if key not in self._phi_cache:
             with torch.no_grad(), torch.autocast(weight.device.type, enabled=False):
