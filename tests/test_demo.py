@@ -1,5 +1,6 @@
 """The offline demo in a reduced mode (micro PerViT, 32 px, two epochs): files, reload identity, learning, errors."""
 import json
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -113,6 +114,15 @@ def test_time_budget_sizes_the_schedule(budget, max_epochs, expected):
     hist = train(model, x_train[:256], y_train[:256], x_test[:64], y_test[:64], epochs=None, time_budget=budget,
                  max_epochs=max_epochs, max_steps=2, progress=False, log=lambda *a: None)
     assert hist['epochs'] == expected and hist['steps'] == 2 and hist['stopped_early']
+
+
+def test_train_with_mixup():
+    """--mixup: timm's Mixup mixes the batch in place, which a 3-channel view of the 1-channel digits cannot take."""
+    x_train, y_train, _, _, _ = load_digits_split(img_size=32, seed=0)
+    model = make_micro(num_classes=NUM_CLASSES)
+    hist = train(model, x_train[:64], y_train[:64], epochs=1, mixup=0.2, max_steps=2, progress=False,
+                 log=lambda *a: None)
+    assert hist['steps'] == 2 and all(math.isfinite(v) for v in hist['step_losses'])
 
 
 def test_choose_threads_picks_the_faster():

@@ -256,7 +256,8 @@ def _train_epoch(
             continue
         x, y = _rgb(recipe.augment(x_train[idx])), y_train[idx]
         if recipe.mixer is not None:
-            x, y = recipe.mixer(x, y)
+            # timm's Mixup mixes the batch in place: the 3-channel view of the 1-channel images needs its own memory
+            x, y = recipe.mixer(x.contiguous(), y)
         loss = recipe.criterion(model(x), y)
         recipe.optimizer.zero_grad(set_to_none=True)
         loss.backward()
