@@ -1,5 +1,7 @@
 """Shared test helpers. Every test runs on CPU, offline."""
+import json
 import os
+from typing import Any, Dict
 
 import pytest
 import torch
@@ -12,10 +14,27 @@ if os.environ.get('PYTEST_XDIST_WORKER'):
     os.environ['OMP_NUM_THREADS'] = '1'
     torch.set_num_threads(1)
 
-#: A micro PerViT (same architecture as the fixture's): cheap enough for every feature test.
-MICRO_KWARGS = dict(num_classes=10, embed_dims=(16, 24, 32, 40), stem_dims=(8, 8, 16, 16), num_heads=2)
-
 FIXTURES = os.path.join(os.path.dirname(__file__), 'fixtures')
+
+
+def _load_micro_config() -> Dict[str, Any]:
+    with open(os.path.join(FIXTURES, 'micro_config.json'), encoding='utf-8') as f:
+        return json.load(f)
+
+
+#: The official-code config of the parity fixture (tests/fixtures/micro_config.json): the one source of the micro model.
+MICRO_CONFIG = _load_micro_config()
+#: The micro PerViT's architecture, in timm_pervit's terms, without head arguments: for calls that pass their own
+#: ``num_classes`` (``timm.create_model(name, num_classes=3, **MICRO_ARCH)``, ``torch.hub.load``, the demo's
+#: ``model_kwargs``). The fixture's input channels (``convstem_dims[0]``) are PerViT's default ``in_chans`` (3,
+#: checked in tests/test_parity.py), so they stay out and calls can choose their own.
+MICRO_ARCH = dict(
+    embed_dims=tuple(MICRO_CONFIG['emb_dims']),
+    stem_dims=tuple(MICRO_CONFIG['convstem_dims'][1:]),
+    num_heads=MICRO_CONFIG['num_heads'],
+)
+#: The micro PerViT of the parity fixture with its head: cheap enough for every feature test.
+MICRO_KWARGS = dict(MICRO_ARCH, num_classes=MICRO_CONFIG['num_classes'])
 
 
 @pytest.fixture(autouse=True)
@@ -30,7 +49,7 @@ def micro_kwargs():
 
 
 def make_micro(**kwargs):
-    """A micro PerViT with the given overrides."""
+    """A micro PerViT (the parity fixture's architecture) with the given overrides."""
     from timm_pervit import PerViT
     return PerViT(**dict(MICRO_KWARGS, **kwargs))
 

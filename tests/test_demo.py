@@ -1,5 +1,6 @@
 """The offline demo in a reduced mode (micro PerViT, 32 px, two epochs): files, reload identity, learning, errors."""
 import json
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -8,10 +9,11 @@ import pytest
 import timm
 import torch
 
-from timm_pervit import PerViT
-from timm_pervit.demo import choose_threads, evaluate, family_table, load_digits_split, main, run_demo, train
+from timm_pervit.demo import (
+    NUM_CLASSES, choose_threads, evaluate, family_table, load_digits_split, main, run_demo, train)
 
-MICRO = dict(embed_dims=[16, 24, 32, 40], stem_dims=[8, 8, 16, 16], num_heads=2)
+from .conftest import MICRO_ARCH, make_micro
+
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -26,7 +28,7 @@ def demo_run(tmp_path_factory):
     threads = torch.get_num_threads()
     try:  # threads=None: the demo picks its thread count itself
         summary = run_demo(
-            output_dir=str(out), model_kwargs=MICRO, img_size=32, epochs=2, table=False, progress=False,
+            output_dir=str(out), model_kwargs=MICRO_ARCH, img_size=32, epochs=2, table=False, progress=False,
             log=lambda *a: None)
     finally:
         torch.set_num_threads(threads)
@@ -55,7 +57,7 @@ def test_demo_writes_every_file(demo_run):
     assert (folder / 'config.json').is_file() and (folder / 'model.safetensors').is_file()
     cfg = json.loads((folder / 'config.json').read_text())
     assert cfg['architecture'] == 'pervit_tiny' and cfg['num_classes'] == 10
-    assert cfg['model_args']['embed_dims'] == MICRO['embed_dims']
+    assert cfg['model_args']['embed_dims'] == list(MICRO_ARCH['embed_dims'])
     assert cfg['pretrained_cfg']['input_size'] == [3, 32, 32]
     assert json.loads(Path(files['summary']).read_text())['accuracy'] == summary['accuracy']
 
@@ -93,8 +95,7 @@ def test_reloaded_model_predicts_identically(demo_run):
     _, _, x_test, y_test, _ = load_digits_split(img_size=32, seed=0)
     acc = (evaluate(model, x_test).argmax(-1) == y_test).float().mean().item()
     assert acc == summary['accuracy']
-    if (REPO / 'hubconf.py').is_file():
-        assert 'torch.hub (local repo)' in summary['reload']
+    assert (REPO / 'hubconf.py').is_file() and 'torch.hub (local repo)' in summary['reload']
 
 
 def test_demo_from_checkpoint_folder(demo_run, tmp_path):
@@ -109,19 +110,30 @@ def test_demo_from_checkpoint_folder(demo_run, tmp_path):
 @pytest.mark.parametrize('budget,max_epochs,expected', [(1e-3, 9, 1), (1e6, 3, 3)])
 def test_time_budget_sizes_the_schedule(budget, max_epochs, expected):
     x_train, y_train, x_test, y_test, _ = load_digits_split(img_size=32, seed=0)
-    model = PerViT(num_classes=10, **MICRO)
+    model = make_micro(num_classes=NUM_CLASSES)
     hist = train(model, x_train[:256], y_train[:256], x_test[:64], y_test[:64], epochs=None, time_budget=budget,
                  max_epochs=max_epochs, max_steps=2, progress=False, log=lambda *a: None)
     assert hist['epochs'] == expected and hist['steps'] == 2 and hist['stopped_early']
 
 
+def test_train_with_mixup():
+    """--mixup: timm's Mixup mixes the batch in place, which a 3-channel view of the 1-channel digits cannot take."""
+    x_train, y_train, _, _, _ = load_digits_split(img_size=32, seed=0)
+    model = make_micro(num_classes=NUM_CLASSES)
+    hist = train(model, x_train[:64], y_train[:64], epochs=1, mixup=0.2, max_steps=2, progress=False,
+                 log=lambda *a: None)
+    assert hist['steps'] == 2 and all(math.isfinite(v) for v in hist['step_losses'])
+
+
 def test_choose_threads_picks_the_faster():
     threads = torch.get_num_threads()
-    model = PerViT(num_classes=10, **MICRO).train()
+    model = make_micro(num_classes=NUM_CLASSES).train()
     state = {k: v.clone() for k, v in model.state_dict().items()}
     try:
+        # two candidates also where the tests run on one thread (conftest's setting per pytest-xdist worker)
+        torch.set_num_threads(2)
         timings = choose_threads(model, 32, batch_size=4)
-        assert set(timings) == {threads, 1} and all(t > 0 for t in timings.values())
+        assert set(timings) == {2, 1} and all(t > 0 for t in timings.values())
         assert torch.get_num_threads() == min(timings, key=timings.get)
     finally:
         torch.set_num_threads(threads)
@@ -147,7 +159,7 @@ def test_demo_cli_subprocess(tmp_path):
     """The real command line, as the README runs it (reduced)."""
     proc = subprocess.run(
         [sys.executable, '-m', 'timm_pervit', 'demo', '--output-dir', str(tmp_path / 'out'), '--no-table',
-         '--model-kwargs', json.dumps(MICRO), '--img-size', '32', '--epochs', '1', '--max-steps', '5'],
+         '--model-kwargs', json.dumps(MICRO_ARCH), '--img-size', '32', '--epochs', '1', '--max-steps', '5'],
         capture_output=True, text=True, timeout=300, cwd=str(tmp_path))
     assert proc.returncode == 0, proc.stderr
     assert 'held-out top-1' in proc.stdout and 'Output files' in proc.stdout

@@ -13,8 +13,9 @@ from safetensors.torch import save_file
 
 from timm_pervit import PERVIT_VARIANTS, PerViT
 
+from .conftest import MICRO_ARCH
+
 REPO = str(Path(__file__).resolve().parents[1])
-MICRO = dict(embed_dims=(16, 24, 32, 40), stem_dims=(8, 8, 16, 16), num_heads=2)
 
 
 def _github_cache(hub_dir: Path, ref: str = 'main') -> str:
@@ -39,7 +40,7 @@ def test_hub_list_help_load_github_layout(tmp_path, monkeypatch):
     for name in PERVIT_VARIANTS:
         doc = torch.hub.help(repo, name, **opts)
         assert 'pretrained' in doc and 'timm.create_model' in doc and f'{name}.in1k' in doc
-    model = torch.hub.load(repo, 'pervit_small', num_classes=3, verbose=False, **opts, **MICRO)
+    model = torch.hub.load(repo, 'pervit_small', num_classes=3, verbose=False, **opts, **MICRO_ARCH)
     assert isinstance(model, PerViT) and model.num_classes == 3
 
 
@@ -53,22 +54,24 @@ def test_hub_load_default_variant():
 
 def test_hub_load_forwards_kwargs():
     model = torch.hub.load(
-        REPO, 'pervit_small', source='local', num_classes=5, in_chans=1, drop_path_rate=0.1, **MICRO).eval()
-    assert model.num_classes == 5 and model.in_chans == 1 and model.num_heads == 2
+        REPO, 'pervit_small', source='local', num_classes=5, in_chans=1, drop_path_rate=0.1, **MICRO_ARCH).eval()
+    assert model.num_classes == 5 and model.in_chans == 1 and model.num_heads == MICRO_ARCH['num_heads']
     assert model.blocks[-1].drop_path1.drop_prob == pytest.approx(0.1)
     assert model(torch.randn(2, 1, 32, 48)).shape == (2, 5)
-    backbone = torch.hub.load(REPO, 'pervit_medium', source='local', features_only=True, out_indices=(1, 3), **MICRO)
-    assert [f.shape[1] for f in backbone(torch.randn(1, 3, 64, 64))] == [24, 32]
+    backbone = torch.hub.load(
+        REPO, 'pervit_medium', source='local', features_only=True, out_indices=(1, 3), **MICRO_ARCH)
+    # blocks 1 and 3 end the first two stages, whose outputs have the next stage's width
+    assert [f.shape[1] for f in backbone(torch.randn(1, 3, 64, 64))] == list(MICRO_ARCH['embed_dims'][1:3])
 
 
 def test_hub_load_pretrained_from_file(tmp_path):
     """pretrained=True through hub, the weights file given by timm's pretrained_cfg_overlay (no network)."""
-    source = timm.create_model('pervit_tiny', num_classes=4, **MICRO).eval()
+    source = timm.create_model('pervit_tiny', num_classes=4, **MICRO_ARCH).eval()
     path = tmp_path / 'weights.safetensors'
     save_file(source.state_dict(), str(path))
     model = torch.hub.load(
         REPO, 'pervit_tiny', source='local', pretrained=True, num_classes=4,
-        pretrained_cfg_overlay=dict(file=str(path), num_classes=4), **MICRO).eval()
+        pretrained_cfg_overlay=dict(file=str(path), num_classes=4), **MICRO_ARCH).eval()
     x = torch.randn(1, 3, 64, 64)
     torch.testing.assert_close(model(x), source(x), rtol=0, atol=0)
 
@@ -78,7 +81,7 @@ def test_hub_load_in_fresh_interpreter(tmp_path):
     """hubconf registers the models itself: works with the automatic registration turned off, outside the repo."""
     code = f"""
 import json, sys, torch
-model = torch.hub.load({REPO!r}, 'pervit_tiny', source='local', num_classes=3, **{MICRO!r})
+model = torch.hub.load({REPO!r}, 'pervit_tiny', source='local', num_classes=3, **{MICRO_ARCH!r})
 out = model.eval()(torch.randn(1, 3, 32, 32))
 import timm_pervit
 print(json.dumps(dict(shape=list(out.shape), cls=type(model).__name__, registered=sorted(timm_pervit.PERVIT_VARIANTS))))

@@ -11,10 +11,10 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
 
-from timm_pervit import PerViT, checkpoint_filter_fn
+from timm_pervit import checkpoint_filter_fn
 from timm_pervit.pervit import official_to_timm as convert_official
 
-from .conftest import FIXTURES
+from .conftest import FIXTURES, make_micro
 
 
 def _load_fixture():
@@ -26,14 +26,8 @@ def _load_fixture():
 
 
 def _build(cfg, official, dtype, fused):
-    model = PerViT(
-        num_classes=cfg['num_classes'],
-        num_heads=cfg['num_heads'],
-        embed_dims=tuple(cfg['emb_dims']),
-        stem_dims=tuple(cfg['convstem_dims'][1:]),
-        in_chans=cfg['convstem_dims'][0],
-        dtype=dtype,
-    )
+    model = make_micro(dtype=dtype)  # conftest reads the micro architecture from this same micro_config.json
+    assert model.in_chans == cfg['convstem_dims'][0]
     model.load_state_dict(checkpoint_filter_fn(official, model), strict=True)
     for blk in model.blocks:
         blk.attn.fused_attn = fused
@@ -82,7 +76,6 @@ def test_parity_float32(fused):
 
 def test_fused_and_explicit_paths_agree_in_training():
     """Both attention paths give the same outputs and gradients (float64, random weights, non-square input)."""
-    from .conftest import make_micro
     model = make_micro(dtype=torch.float64).train()
     x = torch.randn(2, 3, 48, 80, dtype=torch.float64)
     results = []

@@ -1,21 +1,31 @@
 """The paper's training recipes: train.py option names only, the paper's values, findable from the CLI."""
+import argparse
+import fnmatch
 import subprocess
 import sys
+from pathlib import Path
+from typing import Any
 
 import pytest
 import timm
-import yaml
 
 from timm_pervit.recipes import RECIPE_VARIANTS, load_recipe, recipe_path, train_command
 from timm_pervit.recipes import main as recipe_main
 
-#: The option names (argparse ``dest``) of timm's train.py that the recipes rely on. train.py applies a config file
-#: with ``parser.set_defaults(**yaml.safe_load(f))``, so a key outside train.py's options would be silently ignored.
+REPO = Path(__file__).resolve().parents[1]
+
+#: The train.py options the recipes use: argparse ``dest`` -> the ``type`` train.py parses it with (``bool``: a
+#: ``store_true`` flag). train.py applies a config file with ``parser.set_defaults(**yaml.safe_load(f))``, so a key
+#: outside its options does not take effect. timm ships train.py in neither its wheel nor its sdist, so the table is
+#: written out here (taken from train.py's ``add_argument`` calls); test_recipe_reaches_timm_train_py_readers checks
+#: the optimizer and schedule names against the timm functions that read train.py's parsed arguments.
 TRAIN_PY_OPTIONS = {
-    'model', 'batch_size', 'epochs', 'opt', 'opt_eps', 'weight_decay', 'lr_base', 'lr_base_size', 'lr_base_scale',
-    'sched', 'warmup_epochs', 'warmup_lr', 'min_lr', 'cooldown_epochs', 'drop_path', 'aa', 'color_jitter',
-    'train_interpolation', 'reprob', 'remode', 'recount', 'mixup', 'cutmix', 'mixup_prob', 'mixup_switch_prob',
-    'mixup_mode', 'smoothing', 'aug_repeats', 'model_ema',
+    'model': str, 'batch_size': int, 'epochs': int, 'opt': str, 'opt_eps': float, 'weight_decay': float,
+    'lr_base': float, 'lr_base_size': int, 'lr_base_scale': str, 'sched': str, 'warmup_epochs': int,
+    'warmup_lr': float, 'min_lr': float, 'cooldown_epochs': int, 'drop_path': float, 'aa': str, 'color_jitter': float,
+    'train_interpolation': str, 'reprob': float, 'remode': str, 'recount': int, 'mixup': float, 'cutmix': float,
+    'mixup_prob': float, 'mixup_switch_prob': float, 'mixup_mode': str, 'smoothing': float, 'aug_repeats': float,
+    'model_ema': bool,
 }
 
 #: Per-variant values of the paper: weight decay, warmup epochs, drop path.
@@ -33,11 +43,21 @@ def train_py_lr(cfg: dict, world_size: int) -> float:
     return cfg['lr_base'] * (ratio ** 0.5 if cfg['lr_base_scale'] == 'sqrt' else ratio)
 
 
+def _parses_as_train_py_would(value: Any, type_: type) -> bool:
+    """Whether ``value`` (from the YAML file) is what train.py's argparse ``type_`` makes of its command-line text."""
+    if type_ is bool:
+        return isinstance(value, bool)
+    return not isinstance(value, bool) and type_(str(value)) == value
+
+
 @pytest.mark.parametrize('variant', RECIPE_VARIANTS)
 def test_recipe_matches_paper(variant):
     cfg = load_recipe(variant)
-    unknown = set(cfg) - TRAIN_PY_OPTIONS
+    unknown = set(cfg) - set(TRAIN_PY_OPTIONS)
     assert not unknown, f'not train.py options: {unknown}'
+    # every value has the type train.py's argparse would produce (YAML 1.1 reads e.g. `1e-8` as a string)
+    mistyped = {k: v for k, v in cfg.items() if not _parses_as_train_py_would(v, TRAIN_PY_OPTIONS[k])}
+    assert not mistyped, f'values train.py would parse differently: {mistyped}'
     assert cfg['model'] == variant and variant in timm.list_models('pervit*')
     # DeiT-style: 300 epochs, total batch 1024 = 8 x 128, AdamW lr 5e-4 x batch / 512
     assert cfg['epochs'] == 300 and cfg['cooldown_epochs'] == 10
@@ -52,8 +72,39 @@ def test_recipe_matches_paper(variant):
     assert cfg['reprob'] == pytest.approx(0.25) and cfg['remode'] == 'pixel'
     assert cfg['mixup'] == pytest.approx(0.8) and cfg['cutmix'] == pytest.approx(1.0)
     assert cfg['smoothing'] == pytest.approx(0.1) and cfg['aug_repeats'] == 3 and cfg['model_ema'] is False
-    # every value has the type train.py's argparse would produce
-    assert all(isinstance(cfg[k], float) for k in ('weight_decay', 'lr_base', 'warmup_lr', 'min_lr', 'drop_path'))
+
+
+@pytest.mark.parametrize('variant', RECIPE_VARIANTS)
+def test_recipe_reaches_timm_train_py_readers(variant):
+    """timm's ``optimizer_kwargs`` / ``scheduler_kwargs`` turn train.py's parsed arguments into factory arguments, by
+    train.py's dest names (with defaults for the ones they do not find): they return the recipe's values, and the
+    recipe keys they read are the table's."""
+    from timm.optim import optimizer_kwargs
+    from timm.scheduler import scheduler_kwargs
+
+    cfg = load_recipe(variant)
+    read = set()
+
+    class RecordingArgs(argparse.Namespace):
+        def __getattribute__(self, name: str) -> Any:
+            if not name.startswith('_'):
+                read.add(name)
+            return super().__getattribute__(name)
+
+    lr = train_py_lr(cfg, world_size=8)
+    args = RecordingArgs(**cfg, lr=lr, momentum=0.9)  # train.py sets lr from lr_base; momentum is its default
+    opt = optimizer_kwargs(args)
+    assert (opt['opt'], opt['eps'], opt['weight_decay'], opt['lr']) == \
+        (cfg['opt'], cfg['opt_eps'], cfg['weight_decay'], lr)
+    sched = scheduler_kwargs(args)
+    assert sched['sched'] == cfg['sched'] and sched['num_epochs'] == cfg['epochs']
+    assert (sched['warmup_epochs'], sched['warmup_lr'], sched['min_lr'], sched['cooldown_epochs']) == \
+        (cfg['warmup_epochs'], cfg['warmup_lr'], cfg['min_lr'], cfg['cooldown_epochs'])
+    assert sched['step_on_epochs']  # the paper's schedule steps per epoch (no sched_on_updates in the recipe)
+    used = read & set(cfg)
+    assert used == {'opt', 'opt_eps', 'weight_decay', 'sched', 'epochs', 'warmup_epochs', 'warmup_lr', 'min_lr',
+                    'cooldown_epochs'}
+    assert used <= set(TRAIN_PY_OPTIONS)
 
 
 def test_recipe_values_work_with_timm():
@@ -78,10 +129,19 @@ def test_recipe_values_work_with_timm():
 
 
 def test_recipe_files_are_package_data():
+    """Each variant's recipe is a file of the ``timm_pervit.recipes`` package matched by pyproject.toml's package-data
+    patterns (so wheels ship it), and the package holds no other recipe."""
+    from setuptools.config.pyprojecttoml import load_file
+
+    import timm_pervit.recipes
+
+    package_dir = Path(timm_pervit.recipes.__file__).parent
+    patterns = load_file(REPO / 'pyproject.toml')['tool']['setuptools']['package-data']['timm_pervit.recipes']
     for variant in RECIPE_VARIANTS:
         path = recipe_path(variant)
-        assert path.parent.name == 'recipes' and path.name == f'{variant}.yaml'
-        assert yaml.safe_load(path.read_text()) == load_recipe(variant)
+        assert path == package_dir / f'{variant}.yaml' and path.is_file()
+        assert any(fnmatch.fnmatch(path.name, p) for p in patterns), f'{path.name} not in the package data'
+    assert sorted(p.stem for p in package_dir.glob('*.yaml')) == sorted(RECIPE_VARIANTS)
     with pytest.raises(ValueError, match='pervit_tiny'):
         recipe_path('pervit_huge')
 

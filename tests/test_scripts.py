@@ -28,7 +28,7 @@ from timm.utils import CheckpointSaver, ModelEmaV3, ParseKwargs, accuracy
 
 from timm_pervit import PerViT
 
-MICRO = dict(embed_dims=(16, 24, 32, 40), stem_dims=(8, 8, 16, 16), num_heads=2)
+from .conftest import MICRO_ARCH
 
 
 def train_py_create_model(name: str, **overrides) -> torch.nn.Module:
@@ -51,23 +51,23 @@ def fresh_eval(model: PerViT, x: torch.Tensor) -> torch.Tensor:
 
 def test_create_model_with_train_py_arguments():
     model = train_py_create_model(
-        'pervit_small', num_classes=7, drop_rate=0.1, drop_path_rate=0.1, model_kwargs=MICRO)
+        'pervit_small', num_classes=7, drop_rate=0.1, drop_path_rate=0.1, model_kwargs=MICRO_ARCH)
     assert isinstance(model, PerViT) and model.num_classes == 7 and model.head_drop.p == pytest.approx(0.1)
     assert model.blocks[-1].drop_path1.drop_prob == pytest.approx(0.1)
-    gray = train_py_create_model('pervit_tiny', in_chans=1, num_classes=3, global_pool='avg', model_kwargs=MICRO)
+    gray = train_py_create_model('pervit_tiny', in_chans=1, num_classes=3, global_pool='avg', model_kwargs=MICRO_ARCH)
     assert gray.eval()(torch.randn(2, 1, 48, 64)).shape == (2, 3)
     # factory kwargs (train.py --device / --model-dtype)
-    bf16 = train_py_create_model('pervit_tiny', model_kwargs=dict(MICRO, device='cpu', dtype=torch.bfloat16))
+    bf16 = train_py_create_model('pervit_tiny', model_kwargs=dict(MICRO_ARCH, device='cpu', dtype=torch.bfloat16))
     assert {p.dtype for p in bf16.parameters()} == {torch.bfloat16}
     assert bf16.eval()(torch.randn(1, 3, 32, 32, dtype=torch.bfloat16)).dtype == torch.bfloat16
 
 
 def test_bn_momentum_and_eps_options():
     """train.py --bn-momentum / --bn-eps reach the stem's BatchNorms (the only BatchNorms of PerViT)."""
-    model = train_py_create_model('pervit_tiny', bn_momentum=0.01, bn_eps=1e-3, model_kwargs=MICRO)
+    model = train_py_create_model('pervit_tiny', bn_momentum=0.01, bn_eps=1e-3, model_kwargs=MICRO_ARCH)
     bns = [m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)]
     assert len(bns) == 4 and all(m.momentum == 0.01 and m.eps == 1e-3 for m in bns)
-    default = train_py_create_model('pervit_tiny', model_kwargs=MICRO)
+    default = train_py_create_model('pervit_tiny', model_kwargs=MICRO_ARCH)
     assert all(m.momentum == 0.1 and m.eps == 1e-5 for m in default.modules() if isinstance(m, torch.nn.BatchNorm2d))
 
 
@@ -75,16 +75,16 @@ def test_model_kwargs_option():
     """train.py's `--model-kwargs key=value ...` (timm's ParseKwargs) reaches the PerViT constructor."""
     parser = argparse.ArgumentParser()
     parser.add_argument('--model-kwargs', nargs='*', default={}, action=ParseKwargs)
-    args = parser.parse_args(
-        ['--model-kwargs', 'embed_dims=(16,24,32,40)', 'stem_dims=(8,8,16,16)', 'num_heads=2', 'mlp_ratio=2.0'])
+    typed = [f'{k}={v!r}'.replace(' ', '') for k, v in MICRO_ARCH.items()]  # e.g. embed_dims=(16,24,32,40)
+    args = parser.parse_args(['--model-kwargs', *typed, 'mlp_ratio=2.0'])
     model = train_py_create_model('pervit_medium', num_classes=4, model_kwargs=args.model_kwargs)
-    assert model.num_heads == 2 and model.num_features == 40
-    assert model.blocks[0].mlp.fc1.out_features == 32
+    assert model.num_heads == MICRO_ARCH['num_heads'] and model.num_features == MICRO_ARCH['embed_dims'][-1]
+    assert model.blocks[0].mlp.fc1.out_features == 2 * MICRO_ARCH['embed_dims'][0]
 
 
 def test_torchscript_option():
     """train.py --torchscript: create_model(..., scriptable=True) then torch.jit.script."""
-    model = train_py_create_model('pervit_tiny', num_classes=3, scriptable=True, model_kwargs=MICRO).eval()
+    model = train_py_create_model('pervit_tiny', num_classes=3, scriptable=True, model_kwargs=MICRO_ARCH).eval()
     scripted = torch.jit.script(model)
     x = torch.randn(2, 3, 48, 32)
     torch.testing.assert_close(scripted(x), fresh_eval(model, x))
@@ -93,7 +93,7 @@ def test_torchscript_option():
 @pytest.mark.parametrize('name', ['pervit_tiny', 'pervit_small', 'pervit_medium'])
 def test_data_config_and_eval_transform(name):
     """validate.py / train.py: resolve_data_config(vars(args), model=model) -> 224, crop 0.875 (resize 256), bicubic."""
-    model = timm.create_model(name, num_classes=0, **MICRO)
+    model = timm.create_model(name, num_classes=0, **MICRO_ARCH)
     validate_args = dict(img_size=None, input_size=None, crop_pct=None, crop_mode=None, mean=None, std=None,
                          interpolation='', model=name)
     for cfg in (resolve_data_config(validate_args, model=model), resolve_model_data_config(model)):
@@ -112,7 +112,7 @@ def test_data_config_and_eval_transform(name):
 
 def test_grad_checkpointing_same_loss_and_grads():
     """train.py --grad-checkpointing: set_grad_checkpointing() changes memory, not results."""
-    model = timm.create_model('pervit_tiny', num_classes=5, **MICRO).train()
+    model = timm.create_model('pervit_tiny', num_classes=5, **MICRO_ARCH).train()
     ckpt = copy.deepcopy(model)
     ckpt.set_grad_checkpointing(True)
     x, y = torch.randn(4, 3, 64, 64), torch.randint(0, 5, (4,))
@@ -137,7 +137,7 @@ def _scale_of(optimizer: torch.optim.Optimizer, model: torch.nn.Module) -> dict:
 
 def test_layer_decay_and_weight_decay_groups():
     """train.py --layer-decay 0.65 --weight-decay 0.05: create_optimizer_v2 uses group_matcher/no_weight_decay."""
-    model = timm.create_model('pervit_tiny', num_classes=5, **MICRO)
+    model = timm.create_model('pervit_tiny', num_classes=5, **MICRO_ARCH)
     opt = create_optimizer_v2(model, opt='adamw', lr=1e-3, weight_decay=0.05, layer_decay=0.65)
     groups = _scale_of(opt, model)
     assert set(groups) == {n for n, _ in model.named_parameters()}  # every parameter exactly once
@@ -165,7 +165,7 @@ def test_layer_decay_and_weight_decay_groups():
 
 def test_channels_last_and_bf16_autocast():
     """train.py --channels-last and --amp --amp-dtype bfloat16 (torch.autocast on CPU)."""
-    model = timm.create_model('pervit_tiny', num_classes=5, **MICRO)
+    model = timm.create_model('pervit_tiny', num_classes=5, **MICRO_ARCH)
     x = torch.randn(4, 3, 64, 64)
     expected = fresh_eval(model, x)
     model = model.to(memory_format=torch.channels_last)
@@ -189,7 +189,7 @@ def test_channels_last_and_bf16_autocast():
 @pytest.mark.slow
 def test_torch_compile_training_step():
     """train.py --torchcompile: a compiled model trains like the eager one (aot_eager: inductor needs minutes here)."""
-    model = timm.create_model('pervit_tiny', num_classes=5, **MICRO).train()
+    model = timm.create_model('pervit_tiny', num_classes=5, **MICRO_ARCH).train()
     eager = copy.deepcopy(model)
     compiled = torch.compile(model, backend='aot_eager')
     x, y = torch.randn(2, 3, 32, 32), torch.tensor([1, 3])
@@ -214,7 +214,7 @@ def _train_steps(model: torch.nn.Module, opt: torch.optim.Optimizer, steps: int,
 
 def test_model_ema_v3():
     """train.py --model-ema: ModelEmaV3 averages the weights; its copy's position-attention cache follows them."""
-    model = timm.create_model('pervit_tiny', num_classes=5, **MICRO)
+    model = timm.create_model('pervit_tiny', num_classes=5, **MICRO_ARCH)
     ema = ModelEmaV3(model, decay=0.5)
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
@@ -234,11 +234,11 @@ def test_model_ema_v3():
 
 def test_checkpoint_saver_resume_and_initial_checkpoint(tmp_path):
     """A checkpoint written by timm's CheckpointSaver: --resume, --initial-checkpoint, validate.py --checkpoint."""
-    model = timm.create_model('pervit_tiny', num_classes=5, **MICRO)
+    model = timm.create_model('pervit_tiny', num_classes=5, **MICRO_ARCH)
     ema = ModelEmaV3(model, decay=0.9)
     opt = create_optimizer_v2(model, opt='adamw', lr=1e-3, weight_decay=0.05, layer_decay=0.65)
     _train_steps(model, opt, 2, ema)
-    args = argparse.Namespace(model='pervit_tiny', model_kwargs=MICRO, num_classes=5)
+    args = argparse.Namespace(model='pervit_tiny', model_kwargs=MICRO_ARCH, num_classes=5)
     saver = CheckpointSaver(model, opt, args=args, model_ema=ema, checkpoint_dir=str(tmp_path),
                             recovery_dir=str(tmp_path), max_history=2)
     saver.save_checkpoint(epoch=3, metric=50.0)
@@ -246,7 +246,7 @@ def test_checkpoint_saver_resume_and_initial_checkpoint(tmp_path):
     assert path.is_file()
 
     # --resume: model + optimizer state, next epoch
-    resumed = timm.create_model('pervit_tiny', num_classes=5, **MICRO)
+    resumed = timm.create_model('pervit_tiny', num_classes=5, **MICRO_ARCH)
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
         resumed.eval()(x)  # populate the cache with the initial weights: it must not survive the resume
@@ -260,17 +260,17 @@ def test_checkpoint_saver_resume_and_initial_checkpoint(tmp_path):
     _train_steps(resumed, opt2, 1)  # training continues
 
     # --resume also restores the EMA (train.py: load_checkpoint(model_ema, args.resume, use_ema=True))
-    ema2 = ModelEmaV3(timm.create_model('pervit_tiny', num_classes=5, **MICRO))
+    ema2 = ModelEmaV3(timm.create_model('pervit_tiny', num_classes=5, **MICRO_ARCH))
     load_checkpoint(ema2.module, str(path), use_ema=True)
     for (n, a), b in zip(ema.module.state_dict().items(), ema2.module.state_dict().values()):
         torch.testing.assert_close(a, b, rtol=0, atol=0, msg=n)
 
     # --initial-checkpoint: create_model(checkpoint_path=...) (EMA weights preferred, like validate.py --use-ema)
-    init = train_py_create_model('pervit_tiny', num_classes=5, checkpoint_path=str(path), model_kwargs=MICRO)
+    init = train_py_create_model('pervit_tiny', num_classes=5, checkpoint_path=str(path), model_kwargs=MICRO_ARCH)
     with torch.no_grad():
         torch.testing.assert_close(init.eval()(x), fresh_eval(ema.module, x))
     # validate.py --checkpoint (no --use-ema): the raw weights
-    val = train_py_create_model('pervit_tiny', num_classes=5, model_kwargs=MICRO)
+    val = train_py_create_model('pervit_tiny', num_classes=5, model_kwargs=MICRO_ARCH)
     load_checkpoint(val, str(path), use_ema=False)
     with torch.no_grad():
         torch.testing.assert_close(val.eval()(x), fresh_eval(model, x))
@@ -333,7 +333,7 @@ def test_short_training_run_on_image_folder(tmp_path):
 
     with set_layer_config(scriptable=False, exportable=False, no_jit=False):
         model = train_py_create_model(
-            'pervit_tiny', num_classes=num_classes, drop_path_rate=0.1, model_kwargs=MICRO)
+            'pervit_tiny', num_classes=num_classes, drop_path_rate=0.1, model_kwargs=MICRO_ARCH)
     data_config = resolve_data_config(dict(input_size=(3, 64, 64)), model=model)
     train_set = create_dataset('', root=str(tmp_path), split='train', is_training=True, batch_size=12)
     val_set = create_dataset('', root=str(tmp_path), split='validation', is_training=False)

@@ -7,13 +7,12 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from timm_pervit import PerViT
 from timm_pervit.visualize import (
     head_order, load_model, main, non_locality, plot_non_locality, plot_position_attention, token_distances,
     token_grid, visualize_model,
 )
 
-MICRO = dict(embed_dims=(16, 24, 32, 40), stem_dims=(8, 8, 16, 16), num_heads=2)
+from .conftest import make_micro
 
 
 def _png(path):
@@ -69,7 +68,7 @@ def test_head_order_sorts_local_first():
 
 
 def test_non_locality_of_micro_model_follows_peripheral_init():
-    model = PerViT(num_classes=10, **MICRO).eval()
+    model = make_micro().eval()
     phi = model.position_attention((3, 5))
     assert phi.shape == (12, 2, 15, 15)
     nl = non_locality(phi, (3, 5))
@@ -82,7 +81,7 @@ def test_non_locality_of_micro_model_follows_peripheral_init():
 
 
 def test_token_grid():
-    model = PerViT(num_classes=10, **MICRO)
+    model = make_micro()
     assert token_grid(model, (224, 224)) == (14, 14)
     assert token_grid(model, (64, 100)) == (4, 7)
     assert token_grid(model, (33, 47)) == (3, 3)  # each stride-2 conv rounds up, as the stem does
@@ -120,7 +119,7 @@ def test_plots_sort_heads_and_write_png(tmp_path):
 
 
 def test_visualize_model_micro_non_square(tmp_path):
-    model = PerViT(num_classes=10, **MICRO).eval()
+    model = make_micro().eval()
     out = visualize_model(model, (2, 4), tmp_path / 'viz', prefix='micro_')
     assert _png(out['position_attention']) and _png(out['non_locality'])
     assert out['position_attention'].name == 'micro_position_attention.png'

@@ -15,6 +15,7 @@
 Needs the ``demo`` extra: ``pip install "timm-pervit[demo]"`` (matplotlib, scikit-learn, tqdm).
 """
 import argparse
+import functools
 import json
 import logging
 import math
@@ -23,7 +24,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, NamedTuple, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -127,13 +128,28 @@ def _augment(x: torch.Tensor, crop: Any, background: float) -> torch.Tensor:
     return torch.stack([crop(F.pad(img, (2, 2, 2, 2), value=background)) for img in x])
 
 
+def _augmenter(x_train: torch.Tensor, crop_scale: float) -> Callable[[torch.Tensor], torch.Tensor]:
+    """The training augmentation for images like ``x_train``: timm's random resized crop (area ``crop_scale``..1 of
+    the padded image, per image), or none when ``crop_scale`` is 1."""
+    from timm.data.transforms import RandomResizedCropAndInterpolation
+
+    size = x_train.shape[-1]
+    crop = RandomResizedCropAndInterpolation(size, scale=(crop_scale, 1.), ratio=(0.85, 1.15)) \
+        if crop_scale < 1 else None
+    return functools.partial(_augment, crop=crop, background=float(x_train.min()))
+
+
+def _top1(logits: torch.Tensor, labels: torch.Tensor) -> float:
+    return (logits.argmax(-1) == labels).float().mean().item()
+
+
 def _seconds_per_epoch(
         model: torch.nn.Module,
         x_train: torch.Tensor,
         y_train: torch.Tensor,
         n_eval: int,
         batch_size: int,
-        crop: Any,
+        augment: Callable[[torch.Tensor], torch.Tensor],
         steps: int = 3,
 ) -> float:
     """Time a few training steps (and an evaluation batch) on a throw-away copy of the model: seconds per epoch."""
@@ -142,11 +158,10 @@ def _seconds_per_epoch(
 
     probe = copy.deepcopy(model).train()
     optimizer = create_optimizer_v2(probe, opt='adamw', lr=1e-6)
-    background = float(x_train.min())
     times = []
     for i in range(steps):
         t = time.perf_counter()
-        x = _rgb(_augment(x_train[i * batch_size:(i + 1) * batch_size], crop, background))
+        x = _rgb(augment(x_train[i * batch_size:(i + 1) * batch_size]))
         loss = F.cross_entropy(probe(x), y_train[i * batch_size:(i + 1) * batch_size])
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -157,6 +172,105 @@ def _seconds_per_epoch(
     evaluate(probe, x_train[:min(128, len(x_train))])
     eval_s = (time.perf_counter() - t) * math.ceil(n_eval / 128)
     return step_s * math.ceil(len(x_train) / batch_size) + eval_s
+
+
+def _epochs_for_budget(
+        model: torch.nn.Module,
+        x_train: torch.Tensor,
+        y_train: torch.Tensor,
+        n_eval: int,
+        batch_size: int,
+        augment: Callable[[torch.Tensor], torch.Tensor],
+        time_budget: float,
+        max_epochs: int,
+        started: float,
+        log: Callable[[str], None],
+) -> int:
+    """Epochs (1..``max_epochs``) that fit what is left of ``time_budget`` seconds since ``started``, at the speed
+    measured on a throw-away copy of the model."""
+    epoch_s = _seconds_per_epoch(model, x_train, y_train, n_eval, batch_size, augment)
+    epochs = int(max(1, min(max_epochs, (time_budget - (time.perf_counter() - started)) // epoch_s)))
+    log(f'measured ~{epoch_s:.1f} s per epoch here ({torch.get_num_threads()} thread(s)): {epochs} epochs fit the '
+        f'{time_budget:g} s budget')
+    return epochs
+
+
+class _StepRecipe(NamedTuple):
+    """What a training step applies besides the model: augmentation, mixup, loss, optimizer, per-step schedule."""
+    augment: Callable[[torch.Tensor], torch.Tensor]
+    mixer: Optional[Any]
+    criterion: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+
+
+def _step_recipe(
+        model: torch.nn.Module,
+        augment: Callable[[torch.Tensor], torch.Tensor],
+        epochs: int,
+        updates_per_epoch: int,
+        lr: float,
+        weight_decay: float,
+        smoothing: float,
+        mixup: float,
+) -> _StepRecipe:
+    """timm's AdamW, cosine schedule stepped per update (one warm-up epoch from lr/100 when there are >= 3 epochs,
+    decay to lr/100), Mixup when ``mixup > 0`` (then the loss takes its soft targets), label smoothing."""
+    from timm.data import Mixup
+    from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
+    from timm.optim import create_optimizer_v2
+    from timm.scheduler import create_scheduler_v2
+
+    optimizer = create_optimizer_v2(model, opt='adamw', lr=lr, weight_decay=weight_decay)
+    scheduler, _ = create_scheduler_v2(
+        optimizer, sched='cosine', num_epochs=epochs, warmup_epochs=1 if epochs >= 3 else 0, warmup_lr=lr / 100,
+        min_lr=lr / 100, step_on_epochs=False, updates_per_epoch=updates_per_epoch)
+    mixer = Mixup(mixup_alpha=mixup, label_smoothing=smoothing, num_classes=NUM_CLASSES) if mixup > 0 else None
+    criterion = SoftTargetCrossEntropy() if mixer else LabelSmoothingCrossEntropy(smoothing=smoothing)
+    return _StepRecipe(augment, mixer, criterion, optimizer, scheduler)
+
+
+def _train_epoch(
+        model: torch.nn.Module,
+        x_train: torch.Tensor,
+        y_train: torch.Tensor,
+        batch_size: int,
+        recipe: _StepRecipe,
+        step: int,
+        max_steps: Optional[int],
+        bar: Any,
+        epoch: int,
+) -> Tuple[List[float], int, bool]:
+    """One pass over a random permutation of the training set.
+
+    Returns:
+        (the loss of every step, the optimizer steps taken so far, whether ``max_steps`` stopped the pass).
+    """
+    model.train()
+    n = len(x_train)
+    perm = torch.randperm(n)
+    losses = []
+    for i in range(0, n, batch_size):
+        idx = perm[i:i + batch_size]
+        if len(idx) < 2:  # training-mode BatchNorm needs two samples
+            continue
+        x, y = _rgb(recipe.augment(x_train[idx])), y_train[idx]
+        if recipe.mixer is not None:
+            # timm's Mixup mixes the batch in place: the 3-channel view of the 1-channel images needs its own memory
+            x, y = recipe.mixer(x.contiguous(), y)
+        loss = recipe.criterion(model(x), y)
+        recipe.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        recipe.optimizer.step()
+        step += 1
+        recipe.scheduler.step_update(num_updates=step)
+        losses.append(loss.item())
+        bar.update(1)
+        bar.set_postfix(
+            epoch=epoch + 1, loss=f'{loss.item():.3f}', lr=f'{recipe.optimizer.param_groups[0]["lr"]:.1e}')
+        if max_steps is not None and step >= max_steps:
+            return losses, step, True
+    return losses, step, False
 
 
 def choose_threads(model: torch.nn.Module, img_size: int, batch_size: int = 32, repeats: int = 2) -> Dict[int, float]:
@@ -238,72 +352,35 @@ def train(
         Dict with 'epochs', 'step_losses', 'epoch_losses', 'epoch_acc' (held-out top-1 per epoch), 'steps',
         'seconds' (wall, including the speed measurement), 'cpu_seconds' (CPU time of this process), 'stopped_early'.
     """
-    from timm.data import Mixup
-    from timm.data.transforms import RandomResizedCropAndInterpolation
-    from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
-    from timm.optim import create_optimizer_v2
-    from timm.scheduler import create_scheduler_v2
     tqdm = _require('tqdm', 'tqdm').tqdm
 
     t0 = time.perf_counter()
     c0 = time.process_time()
-    n = len(x_train)
-    updates_per_epoch = math.ceil(n / batch_size)
-    size = x_train.shape[-1]
-    crop = RandomResizedCropAndInterpolation(size, scale=(crop_scale, 1.), ratio=(0.85, 1.15)) \
-        if crop_scale < 1 else None
-    background = float(x_train.min())
+    updates_per_epoch = math.ceil(len(x_train) / batch_size)
+    augment = _augmenter(x_train, crop_scale)
     if epochs is None:
         n_eval = len(x_test) if x_test is not None else 0
-        epoch_s = _seconds_per_epoch(model, x_train, y_train, n_eval, batch_size, crop)
-        epochs = int(max(1, min(max_epochs, (time_budget - (time.perf_counter() - t0)) // epoch_s)))
-        log(f'measured ~{epoch_s:.1f} s per epoch here ({torch.get_num_threads()} thread(s)): {epochs} epochs fit the '
-            f'{time_budget:g} s budget')
+        epochs = _epochs_for_budget(
+            model, x_train, y_train, n_eval, batch_size, augment, time_budget, max_epochs, t0, log)
+    recipe = _step_recipe(model, augment, epochs, updates_per_epoch, lr, weight_decay, smoothing, mixup)
 
-    optimizer = create_optimizer_v2(model, opt='adamw', lr=lr, weight_decay=weight_decay)
     total_updates = epochs * updates_per_epoch
-    scheduler, _ = create_scheduler_v2(
-        optimizer, sched='cosine', num_epochs=epochs, warmup_epochs=1 if epochs >= 3 else 0, warmup_lr=lr / 100,
-        min_lr=lr / 100, step_on_epochs=False, updates_per_epoch=updates_per_epoch)
-    mixer = Mixup(mixup_alpha=mixup, label_smoothing=smoothing, num_classes=NUM_CLASSES) if mixup > 0 else None
-    criterion = SoftTargetCrossEntropy() if mixer else LabelSmoothingCrossEntropy(smoothing=smoothing)
-
     total = total_updates if max_steps is None else min(max_steps, total_updates)
     result: Dict[str, Any] = dict(epochs=epochs, step_losses=[], epoch_losses=[], epoch_acc=[], stopped_early=False)
     step = 0
     bar = tqdm(total=total, desc='train', unit='step', disable=not progress, dynamic_ncols=True)
     for epoch in range(epochs):
-        model.train()
-        perm = torch.randperm(n)
-        losses = []
-        for i in range(0, n, batch_size):
-            idx = perm[i:i + batch_size]
-            if len(idx) < 2:
-                continue
-            x, y = _rgb(_augment(x_train[idx], crop, background)), y_train[idx]
-            if mixer is not None:
-                x, y = mixer(x, y)
-            loss = criterion(model(x), y)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            step += 1
-            scheduler.step_update(num_updates=step)
-            losses.append(loss.item())
-            bar.update(1)
-            bar.set_postfix(epoch=epoch + 1, loss=f'{loss.item():.3f}', lr=f'{optimizer.param_groups[0]["lr"]:.1e}')
-            if max_steps is not None and step >= max_steps:
-                result['stopped_early'] = True
-                break
+        losses, step, stopped = _train_epoch(model, x_train, y_train, batch_size, recipe, step, max_steps, bar, epoch)
         result['step_losses'].extend(losses)
         result['epoch_losses'].append(sum(losses) / max(len(losses), 1))
         if x_test is not None and y_test is not None:
-            acc = (evaluate(model, x_test).argmax(-1) == y_test).float().mean().item()
+            acc = _top1(evaluate(model, x_test), y_test)
             result['epoch_acc'].append(acc)
             line = (f'epoch {epoch + 1}/{epochs}: train loss {result["epoch_losses"][-1]:.4f}, '
                     f'held-out top-1 {100 * acc:.2f}% ({time.perf_counter() - t0:.0f} s)')
             (bar.write if log is print else log)(line)  # printed lines go above the progress bar
-        if result['stopped_early']:
+        if stopped:
+            result['stopped_early'] = True
             break
     bar.close()
     result['steps'] = step
@@ -365,6 +442,196 @@ def _repo_root() -> Optional[Path]:
     return root if (root / 'hubconf.py').is_file() else None
 
 
+def _check_request(model_name: str, checkpoint: Optional[str]) -> None:
+    """Fail early, naming the fix: a missing extra, an unknown variant, a checkpoint folder that is not there."""
+    from .pervit import PERVIT_VARIANTS
+    from .visualize import _require_matplotlib
+
+    _require('sklearn', 'scikit-learn')
+    _require('tqdm', 'tqdm')
+    _require_matplotlib()
+    if model_name not in PERVIT_VARIANTS:
+        raise ValueError(f'unknown model {model_name!r}: choose one of {", ".join(PERVIT_VARIANTS)}')
+    if checkpoint is not None and not Path(checkpoint).is_dir():
+        raise FileNotFoundError(
+            f'checkpoint folder {checkpoint!r} does not exist: pass a folder written by this demo (config.json + '
+            f'model.safetensors), or leave --checkpoint out to train')
+
+
+def _set_threads(model: torch.nn.Module, img_size: int, threads: Optional[int], log: Callable[[str], None]) -> int:
+    """Use ``threads`` intra-op threads, or the faster of all and one (``choose_threads``) when None."""
+    if threads is None:
+        timings = choose_threads(model, img_size)
+        log(f'threads: {torch.get_num_threads()} (a forward took ' + ', '.join(
+            f'{v:.2f} s with {t}' for t, v in timings.items()) + '; on a shared CPU one thread can be far faster)')
+    else:
+        torch.set_num_threads(threads)
+    return torch.get_num_threads()
+
+
+def _log_family_table(img_size: int, log: Callable[[str], None]) -> List[Dict[str, Any]]:
+    """The PerViT family table (``family_table``), logged; returns its rows."""
+    log(f'PerViT family on this machine ({torch.get_num_threads()} thread(s), batch 4, {img_size} px):')
+    rows = family_table(img_size)
+    log(f'{"variant":<15}{"params":>12}{"GMACs@" + str(img_size):>11}{"img/s":>9}{"paper top-1":>13}  '
+        f'pretrained tag (hub id)')
+    for r in rows:
+        log(f'{r["variant"]:<15}{r["params"]:>12,}{r["gmacs"]:>11.3f}{r["img_per_s"]:>9.1f}'
+            f'{r["paper_top1"]:>12.1f}%  {r["tag"]} ({r["hf_hub_id"]})')
+    return rows
+
+
+def _load_data(
+        img_size: int,
+        seed: int,
+        log: Callable[[str], None],
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The digits split (``load_digits_split``), logged."""
+    data = load_digits_split(img_size, seed=seed)
+    log(f'\ndata: scikit-learn digits, {len(data[0])} train / {len(data[2])} held-out images, 8x8 -> '
+        f'{img_size}x{img_size} px, 3 channels')
+    return data
+
+
+def _train_from_scratch(
+        model: torch.nn.Module,
+        model_name: str,
+        grid: Tuple[int, int],
+        data: Tuple[torch.Tensor, ...],
+        log: Callable[[str], None],
+        **train_kwargs: Any,
+) -> Dict[str, Any]:
+    """``train`` on the digits, with a line saying what is trained how; returns its history."""
+    x_train, y_train, x_test, y_test = data[:4]
+    n_params = sum(p.numel() for p in model.parameters())
+    mixup = train_kwargs['mixup']
+    log(f'training {model_name} ({n_params:,} params, peripheral initialization, {grid[0]}x{grid[1]} token '
+        f'grid), batch {train_kwargs["batch_size"]}, AdamW lr {train_kwargs["lr"]:g}, cosine schedule, label '
+        f'smoothing {train_kwargs["smoothing"]:g}, random-resized-crop {train_kwargs["crop_scale"]:g}..1'
+        + (f', mixup {mixup:g}' if mixup > 0 else ''))
+    return train(model, x_train, y_train, x_test, y_test, log=log, **train_kwargs)
+
+
+def _train_summary(hist: Dict[str, Any]) -> Dict[str, Any]:
+    """The training history for summary.json: every epoch, the first and last few step losses."""
+    summary = {k: v for k, v in hist.items() if k != 'step_losses'}
+    summary['first_step_losses'] = hist['step_losses'][:5]
+    summary['last_step_losses'] = hist['step_losses'][-5:]
+    return summary
+
+
+def _save_for_hf(model: torch.nn.Module, folder: Path, model_name: str, img_size: int) -> None:
+    """Save the trained model as a hub-ready folder (config.json + model.safetensors)."""
+    import timm
+
+    timm.models.save_for_hf(
+        model, folder, safe_serialization=True,
+        model_config=dict(
+            label_names=[str(i) for i in range(NUM_CLASSES)],
+            pretrained_cfg=dict(
+                tag='sklearn_digits',
+                description=f'{model_name} trained from scratch by `python -m timm_pervit demo` on scikit-learn '
+                            f'digits upsampled to {img_size} px (held-out top-1 in summary.json).',
+                notes=('Demo weights: 10 digit classes, not ImageNet.',),
+            )),
+        data_config=dict(input_size=(3, img_size, img_size), mean=DIGITS_MEAN, std=DIGITS_STD, crop_pct=1.0,
+                         interpolation='bilinear'))
+
+
+def _log_accuracy(acc: float, hist: Optional[Dict[str, Any]], log: Callable[[str], None]) -> None:
+    if hist is not None:
+        log(f'held-out top-1: {100 * acc:.2f}% after {hist["seconds"]:.0f} s of training ({hist["epochs"]} epoch(s), '
+            f'{hist["steps"]} steps; {hist["cpu_seconds"]:.0f} s of CPU time on {torch.get_num_threads()} thread(s))')
+    else:
+        log(f'held-out top-1: {100 * acc:.2f}%')
+
+
+def _check_reloads(
+        folder: Path,
+        logits: torch.Tensor,
+        x_test: torch.Tensor,
+        y_test: torch.Tensor,
+        log: Callable[[str], None],
+) -> Dict[str, Dict[str, Any]]:
+    """Reload ``folder`` through timm's pretrained path (and torch.hub when the repository is here).
+
+    Returns:
+        Per way of reloading: its accuracy, whether its predictions are those of ``logits``, the largest logit
+        difference.
+
+    Raises:
+        RuntimeError: When a reloaded model predicts differently.
+    """
+    import timm
+
+    reloads = {}
+    reloaded = timm.create_model(f'local-dir:{folder}', pretrained=True)
+    reloads['timm local-dir'] = evaluate(reloaded, x_test)
+    repo = _repo_root()
+    if repo is not None:
+        cfg = json.loads((folder / 'config.json').read_text())
+        args = {k: v for k, v in cfg.get('model_args', {}).items() if k != 'num_classes'}
+        hub_model = torch.hub.load(
+            str(repo), cfg['architecture'], source='local', pretrained=True, num_classes=cfg['num_classes'],
+            pretrained_cfg_overlay=dict(file=str(folder / 'model.safetensors'), num_classes=cfg['num_classes']),
+            **args)
+        reloads['torch.hub (local repo)'] = evaluate(hub_model, x_test)
+    else:
+        log('torch.hub reload skipped: no hubconf.py next to the package (installed without the repository)')
+    results = {}
+    for how, rl in reloads.items():
+        same = bool(torch.equal(rl.argmax(-1), logits.argmax(-1)))
+        diff = (rl - logits).abs().max().item()
+        racc = _top1(rl, y_test)
+        results[how] = dict(accuracy=racc, identical_predictions=same, max_abs_logit_diff=diff)
+        log(f'reloaded via {how}: top-1 {100 * racc:.2f}%, identical predictions: {same} '
+            f'(max |logit diff| {diff:.1e})')
+        if not same:
+            raise RuntimeError(f'the model reloaded via {how} predicts differently from the trained one')
+    return results
+
+
+def _write_plots(
+        model: torch.nn.Module,
+        grid: Tuple[int, int],
+        out: Path,
+        raw_test: torch.Tensor,
+        y_test: torch.Tensor,
+        logits: torch.Tensor,
+        nl_init: Optional[torch.Tensor],
+        title: str,
+) -> Tuple[Dict[str, str], torch.Tensor]:
+    """The prediction grid and the position-attention figures (``timm_pervit.visualize``).
+
+    Returns:
+        (the PNG paths by summary key, the non-locality of every block and head).
+    """
+    from .visualize import visualize_model
+
+    pred_path = out / 'predictions.png'
+    _plot_predictions(raw_test, y_test, logits.softmax(-1), pred_path)
+    viz = visualize_model(model, grid, out, reference_nl=nl_init, dpi=100, title=title)
+    files = dict(
+        predictions=str(pred_path), position_attention=str(viz['position_attention']),
+        non_locality=str(viz['non_locality']))
+    return files, viz['nl']
+
+
+def _write_summary(summary: Dict[str, Any], out: Path, log: Callable[[str], None]) -> None:
+    """Write summary.json and log where every output file is."""
+    summary_path = out / 'summary.json'
+    summary['files']['summary'] = str(summary_path)
+    summary_path.write_text(json.dumps(summary, indent=2))
+    files = summary['files']
+    log(f'\ndone in {summary["total_seconds"]:.0f} s. Output files:')
+    folder = files['model']
+    log(f'  hub-ready model folder : {folder}  (timm.create_model("local-dir:{folder}", pretrained=True))')
+    log(f'  prediction grid        : {files["predictions"]}')
+    log(f'  position attention     : {files["position_attention"]}')
+    log(f'  non-locality per block : {files["non_locality"]}')
+    log(f'  summary (JSON)         : {summary_path}')
+
+
 def run_demo(
         output_dir: str = 'pervit_demo',
         model_name: str = 'pervit_tiny',
@@ -394,18 +661,9 @@ def run_demo(
     module's logger; the CLI prints them).
     """
     import timm
-    from .pervit import PERVIT_VARIANTS
-    from .visualize import _require_matplotlib, non_locality, token_grid, visualize_model
+    from .visualize import non_locality, token_grid
 
-    _require('sklearn', 'scikit-learn')
-    _require('tqdm', 'tqdm')
-    _require_matplotlib()
-    if model_name not in PERVIT_VARIANTS:
-        raise ValueError(f'unknown model {model_name!r}: choose one of {", ".join(PERVIT_VARIANTS)}')
-    if checkpoint is not None and not Path(checkpoint).is_dir():
-        raise FileNotFoundError(
-            f'checkpoint folder {checkpoint!r} does not exist: pass a folder written by this demo (config.json + '
-            f'model.safetensors), or leave --checkpoint out to train')
+    _check_request(model_name, checkpoint)
     out = _check_output_dir(Path(output_dir))
     t_start = time.perf_counter()
     random.seed(seed)
@@ -415,120 +673,40 @@ def run_demo(
         model = timm.create_model(model_name, num_classes=NUM_CLASSES, **(model_kwargs or {}))
     else:
         model = timm.create_model(f'local-dir:{checkpoint}', pretrained=True)
-    if threads is None:
-        timings = choose_threads(model, img_size)
-        log(f'threads: {torch.get_num_threads()} (a forward took ' + ', '.join(
-            f'{v:.2f} s with {t}' for t, v in timings.items()) + '; on a shared CPU one thread can be far faster)')
-    else:
-        torch.set_num_threads(threads)
-    summary['threads'] = torch.get_num_threads()
-
+    summary['threads'] = _set_threads(model, img_size, threads, log)
     if table:
-        log(f'PerViT family on this machine ({torch.get_num_threads()} thread(s), batch 4, {table_img_size} px):')
-        rows = family_table(table_img_size)
-        log(f'{"variant":<15}{"params":>12}{"GMACs@" + str(table_img_size):>11}{"img/s":>9}{"paper top-1":>13}  '
-            f'pretrained tag (hub id)')
-        for r in rows:
-            log(f'{r["variant"]:<15}{r["params"]:>12,}{r["gmacs"]:>11.3f}{r["img_per_s"]:>9.1f}'
-                f'{r["paper_top1"]:>12.1f}%  {r["tag"]} ({r["hf_hub_id"]})')
-        summary['family'] = rows
-
-    x_train, y_train, x_test, y_test, raw_test = load_digits_split(img_size, seed=seed)
-    log(f'\ndata: scikit-learn digits, {len(x_train)} train / {len(x_test)} held-out images, 8x8 -> '
-        f'{img_size}x{img_size} px, 3 channels')
+        summary['family'] = _log_family_table(table_img_size, log)
+    data = _load_data(img_size, seed, log)
+    x_test, y_test, raw_test = data[2:]
+    grid = token_grid(model, (img_size, img_size))
 
     if checkpoint is None:
-        grid = token_grid(model, (img_size, img_size))
         nl_init = non_locality(model.position_attention(grid), grid)
-        n_params = sum(p.numel() for p in model.parameters())
-        log(f'training {model_name} ({n_params:,} params, peripheral initialization, {grid[0]}x{grid[1]} token '
-            f'grid), batch {batch_size}, AdamW lr {lr:g}, cosine schedule, label smoothing {smoothing:g}, '
-            f'random-resized-crop {crop_scale:g}..1' + (f', mixup {mixup:g}' if mixup > 0 else ''))
-        hist = train(
-            model, x_train, y_train, x_test, y_test, epochs=epochs, time_budget=time_budget, max_epochs=max_epochs,
+        hist = _train_from_scratch(
+            model, model_name, grid, data, log, epochs=epochs, time_budget=time_budget, max_epochs=max_epochs,
             batch_size=batch_size, lr=lr, weight_decay=weight_decay, smoothing=smoothing, crop_scale=crop_scale,
-            mixup=mixup, max_steps=max_steps, progress=progress, log=log)
-        summary['train'] = {k: v for k, v in hist.items() if k != 'step_losses'}
-        summary['train']['first_step_losses'] = hist['step_losses'][:5]
-        summary['train']['last_step_losses'] = hist['step_losses'][-5:]
+            mixup=mixup, max_steps=max_steps, progress=progress)
+        summary['train'] = _train_summary(hist)
         folder = out / f'{model_name}_digits'
-        timm.models.save_for_hf(
-            model, folder, safe_serialization=True,
-            model_config=dict(
-                label_names=[str(i) for i in range(NUM_CLASSES)],
-                pretrained_cfg=dict(
-                    tag='sklearn_digits',
-                    description=f'{model_name} trained from scratch by `python -m timm_pervit demo` on scikit-learn '
-                                f'digits upsampled to {img_size} px (held-out top-1 in summary.json).',
-                    notes=('Demo weights: 10 digit classes, not ImageNet.',),
-                )),
-            data_config=dict(input_size=(3, img_size, img_size), mean=DIGITS_MEAN, std=DIGITS_STD, crop_pct=1.0,
-                             interpolation='bilinear'))
+        _save_for_hf(model, folder, model_name, img_size)
     else:
-        folder = Path(checkpoint)
-        grid = token_grid(model, (img_size, img_size))
-        nl_init = None
+        folder, nl_init, hist = Path(checkpoint), None, None
         log(f'loaded {folder} (no training)')
     summary['files']['model'] = str(folder)
 
     logits = evaluate(model, x_test)
-    acc = (logits.argmax(-1) == y_test).float().mean().item()
-    summary['accuracy'] = acc
-    if checkpoint is None:
-        log(f'held-out top-1: {100 * acc:.2f}% after {hist["seconds"]:.0f} s of training ({hist["epochs"]} epoch(s), '
-            f'{hist["steps"]} steps; {hist["cpu_seconds"]:.0f} s of CPU time on {torch.get_num_threads()} thread(s))')
-    else:
-        log(f'held-out top-1: {100 * acc:.2f}%')
+    summary['accuracy'] = _top1(logits, y_test)
+    _log_accuracy(summary['accuracy'], hist, log)
+    summary['reload'] = _check_reloads(folder, logits, x_test, y_test, log)
 
-    # reload through timm's pretrained path (and torch.hub when the repo is here): the same predictions
-    reloads = {}
-    reloaded = timm.create_model(f'local-dir:{folder}', pretrained=True)
-    reloads['timm local-dir'] = evaluate(reloaded, x_test)
-    repo = _repo_root()
-    if repo is not None:
-        cfg = json.loads((folder / 'config.json').read_text())
-        args = {k: v for k, v in cfg.get('model_args', {}).items() if k != 'num_classes'}
-        hub_model = torch.hub.load(
-            str(repo), cfg['architecture'], source='local', pretrained=True, num_classes=cfg['num_classes'],
-            pretrained_cfg_overlay=dict(file=str(folder / 'model.safetensors'), num_classes=cfg['num_classes']),
-            **args)
-        reloads['torch.hub (local repo)'] = evaluate(hub_model, x_test)
-    else:
-        log('torch.hub reload skipped: no hubconf.py next to the package (installed without the repository)')
-    summary['reload'] = {}
-    for how, rl in reloads.items():
-        same = bool(torch.equal(rl.argmax(-1), logits.argmax(-1)))
-        diff = (rl - logits).abs().max().item()
-        racc = (rl.argmax(-1) == y_test).float().mean().item()
-        summary['reload'][how] = dict(accuracy=racc, identical_predictions=same, max_abs_logit_diff=diff)
-        log(f'reloaded via {how}: top-1 {100 * racc:.2f}%, identical predictions: {same} '
-            f'(max |logit diff| {diff:.1e})')
-        if not same:
-            raise RuntimeError(f'the model reloaded via {how} predicts differently from the trained one')
-
-    pred_path = out / 'predictions.png'
-    _plot_predictions(raw_test, y_test, logits.softmax(-1), pred_path)
-    summary['files']['predictions'] = str(pred_path)
-
-    viz = visualize_model(
-        model, grid, out, reference_nl=nl_init, dpi=100,
-        title=f'{model_name} trained on digits ({img_size} px)' if checkpoint is None else str(folder))
-    summary['files']['position_attention'] = str(viz['position_attention'])
-    summary['files']['non_locality'] = str(viz['non_locality'])
-    summary['non_locality'] = viz['nl'].tolist()
+    title = f'{model_name} trained on digits ({img_size} px)' if checkpoint is None else str(folder)
+    plots, nl = _write_plots(model, grid, out, raw_test, y_test, logits, nl_init, title)
+    summary['files'].update(plots)
+    summary['non_locality'] = nl.tolist()
     if nl_init is not None:
         summary['non_locality_init'] = nl_init.tolist()
     summary['total_seconds'] = time.perf_counter() - t_start
-    summary_path = out / 'summary.json'
-    summary['files']['summary'] = str(summary_path)
-    summary_path.write_text(json.dumps(summary, indent=2))
-
-    log(f'\ndone in {summary["total_seconds"]:.0f} s. Output files:')
-    log(f'  hub-ready model folder : {folder}  (timm.create_model("local-dir:{folder}", pretrained=True))')
-    log(f'  prediction grid        : {pred_path}')
-    log(f'  position attention     : {viz["position_attention"]}')
-    log(f'  non-locality per block : {viz["non_locality"]}')
-    log(f'  summary (JSON)         : {summary_path}')
+    _write_summary(summary, out, log)
     return summary
 
 
