@@ -18,8 +18,9 @@ from timm_pervit import benchmark
 from timm_pervit.pervit import PeripheralAttention, PerViT, checkpoint_filter_fn
 from timm_pervit.reference import OfficialFormula, official_position_attention
 
+from .conftest import MICRO_KWARGS as MICRO
+
 FIXTURES = Path(__file__).parent / 'fixtures'
-MICRO = dict(num_classes=10, embed_dims=(16, 24, 32, 40), stem_dims=(8, 8, 16, 16), num_heads=2)
 MICRO_JSON = json.dumps(MICRO)
 FAST = ['--batch-size', '2', '--img-size', '64', '--iters', '2', '--warmup', '1', '--no-progress', '--no-roofline']
 
