@@ -38,8 +38,9 @@ def test_card_sections_and_header(pervit_hub_root):
     meta = yaml.safe_load(card.split('---\n')[1])
     assert meta['library_name'] == 'timm' and meta['pipeline_tag'] == 'image-classification'
     headings = [line for line in card.splitlines() if line.startswith('#')]
-    for heading in ('# Model card for pervit_tiny.in1k', '## Model Details', '## Model Usage', '### Image Classification',
-                    '### Feature Map Extraction', '### Image Embeddings', '## Model Comparison', '## Citation'):
+    for heading in ('# Model card for pervit_tiny.in1k', '## Model Details', '## Model Usage',
+                    '### Image Classification', '### Feature Map Extraction', '### Image Embeddings',
+                    '## Model Comparison', '## Citation'):
         assert heading in headings, heading
     assert CITATION in card and TIMM_CITATION in card
 
@@ -141,7 +142,7 @@ def test_save_for_hf_describes_the_weights_saved(tmp_path):
     reloaded = timm.create_model(f'local-dir:{folder}', pretrained=True).eval()
     assert reloaded.num_classes == 10
     assert reloaded.pretrained_cfg['description'] == cfg['description']
-    assert timm.data.resolve_model_data_config(reloaded)['input_size'] == (3, 64, 64)
+    assert tuple(timm.data.resolve_model_data_config(reloaded)['input_size']) == (3, 64, 64)
     saved = load_file(str(folder / 'model.safetensors'))
     assert all(torch.equal(reloaded.state_dict()[k], v) for k, v in saved.items())
     x = torch.randn(2, 3, 64, 64)
