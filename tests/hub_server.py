@@ -15,15 +15,19 @@ background thread, speaking what ``hf_hub_download`` (huggingface_hub 2.x, check
 
 Every request is logged in ``LoopbackHub.requests`` as ``(method, path)``. ``declared_sizes`` overrides the size
 announced for a file (``{(repo_id, filename): size}``) to simulate a transfer that breaks off early.
+
+``SilentServer`` is the opposite: an endpoint that accepts TCP connections and reads the requests but never answers
+(a hung proxy or server), to test that loading gives up in bounded time.
 """
 import hashlib
+import socket
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Dict, List, Optional, Tuple
 from urllib.parse import unquote, urlsplit
 
-__all__ = ['LoopbackHub']
+__all__ = ['LoopbackHub', 'SilentServer']
 
 _LFS_SUFFIXES = ('.safetensors', '.bin', '.pth')
 
@@ -175,3 +179,63 @@ class _HubHandler(BaseHTTPRequestHandler):
         git_sha = hashlib.sha1(b'blob %d\0' % len(data) + data).hexdigest()
         headers = {'X-Repo-Commit': commit, 'ETag': f'"{git_sha}"', 'Content-Type': 'application/octet-stream'}
         return self._send(200, headers, data, send_body)
+
+
+class SilentServer:
+    """Accepts connections on 127.0.0.1 and reads from them, never sending a byte. Use as a context manager."""
+
+    def __init__(self):
+        self.connections = 0
+        self._sock: Optional[socket.socket] = None
+        self._clients: List[socket.socket] = []
+        self._lock = threading.Lock()
+
+    @property
+    def url(self) -> str:
+        assert self._sock is not None, 'server not started'
+        return f'http://127.0.0.1:{self._sock.getsockname()[1]}'
+
+    def start(self) -> 'SilentServer':
+        self._sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self._sock.bind(('127.0.0.1', 0))
+        self._sock.listen(16)
+        threading.Thread(target=self._accept, name='silent-server', daemon=True).start()
+        return self
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                client, _ = self._sock.accept()
+            except OSError:  # closed by stop()
+                return
+            with self._lock:
+                self.connections += 1
+                self._clients.append(client)
+            threading.Thread(target=self._drain, args=(client,), daemon=True).start()
+
+    @staticmethod
+    def _drain(client: socket.socket) -> None:
+        try:
+            while client.recv(65536):
+                pass
+        except OSError:
+            pass
+
+    def stop(self) -> None:
+        if self._sock is not None:
+            try:
+                self._sock.shutdown(socket.SHUT_RDWR)  # wakes the accept() of the serving thread on Linux
+            except OSError:
+                pass
+            self._sock.close()
+            self._sock = None
+        with self._lock:
+            for client in self._clients:
+                client.close()
+            self._clients.clear()
+
+    def __enter__(self) -> 'SilentServer':
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()

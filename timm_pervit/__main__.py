@@ -1,6 +1,9 @@
 """``python -m timm_pervit <command>``: the package's command line.
 
 Commands are implemented in their own modules, each exposing ``main(argv) -> int``, and imported only when used.
+``--help`` and argument errors answer without importing torch or timm: run as ``python -m timm_pervit``, the package
+skips registering the models at import (see ``timm_pervit._running_command_line``) and this module registers them
+before it runs a command.
 """
 import argparse
 import importlib
@@ -29,6 +32,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         parser.print_help()
         return 0 if argv else 2
     args = parser.parse_args(argv[:1])
+    importlib.import_module('timm_pervit.pervit')  # registers the models with timm for the command
     module = importlib.import_module(COMMANDS[args.command][0])
     return int(module.main(argv[1:]) or 0)
 

@@ -36,7 +36,7 @@ import timm
 
 from .checkpoint_io import load_checkpoint, state_dict_of
 from .flops import count_gmacs
-from .hub import model_card
+from .model_card import model_card, save_for_hf
 from .pervit import (
     HF_HUB_NAMESPACE, PERVIT_VARIANTS, checkpoint_filter_fn, is_official_layout, official_to_timm, timm_to_official)
 
@@ -88,13 +88,10 @@ def infer_variant(state_dict: Dict[str, torch.Tensor]) -> Optional[str]:
 to_official = timm_to_official
 
 
-def _save_for_hf(model: torch.nn.Module, folder: Path) -> None:
-    """timm's ``save_for_hf`` (public in ``timm.models`` from timm 1.0.16, in ``timm.models._hub`` before)."""
-    try:
-        from timm.models import save_for_hf
-    except ImportError:
-        from timm.models._hub import save_for_hf
-    save_for_hf(model, folder, safe_serialization=True)
+def _save_for_hf(model: torch.nn.Module, folder: Path, variant: str) -> None:
+    """``model.safetensors`` + ``config.json`` describing the official ImageNet-1k weights of ``variant``."""
+    cfg = timm.models.get_pretrained_cfg(f'{variant}.in1k')
+    save_for_hf(model, folder, description=cfg.description, tag=cfg.tag, notes=cfg.notes, origin_url=cfg.origin_url)
 
 
 def _empty_model(variant: str, **kwargs: Any) -> torch.nn.Module:
@@ -205,7 +202,7 @@ def convert_checkpoint(
     Raises:
         ValueError: Unknown variant, shapes that fit no / another variant (naming the look-alike and the
             mismatching keys), verification above ``tolerance``, unsafe or unreadable checkpoint.
-        FileExistsError: ``output_dir`` is not empty and ``overwrite`` is False.
+        FileExistsError: ``output_dir`` is a file, or not empty and ``overwrite`` is False.
     """
     if push_to_hub:
         token = _get_token(token)  # fail before the work, not after it
@@ -226,6 +223,10 @@ def convert_checkpoint(
     elif variant not in PERVIT_VARIANTS:
         raise ValueError(f'Unknown variant {variant!r}; choose one of {sorted(PERVIT_VARIANTS)}.')
     output_dir = Path(output_dir if output_dir is not None else f'{variant}.in1k')
+    if output_dir.exists() and not output_dir.is_dir():
+        raise FileExistsError(
+            f'Output path {output_dir} is an existing file, not a folder; give a folder path (it is created) or move '
+            f'the file away. --overwrite only replaces folders.')
     if output_dir.exists() and any(output_dir.iterdir()) and not overwrite:
         raise FileExistsError(f'Output folder {output_dir} is not empty; choose another one or pass --overwrite.')
 
@@ -241,7 +242,7 @@ def convert_checkpoint(
     tmp_dir.mkdir()
     try:
         _logger.info(f'Writing model.safetensors, config.json and README.md to {tmp_dir}')
-        _save_for_hf(model, tmp_dir)
+        _save_for_hf(model, tmp_dir, variant)
         # safetensors writes the weights owner-only; give them the permissions of the other files
         os.chmod(tmp_dir / 'model.safetensors', (tmp_dir / 'config.json').stat().st_mode & 0o777)
         max_abs_diff = None
@@ -308,7 +309,7 @@ def main(argv: Optional[List[str]] = None) -> int:
             push_to_hub=args.push_to_hub,
             private=args.private,
         )
-    except (ValueError, FileNotFoundError, FileExistsError, RuntimeError) as e:
+    except (ValueError, OSError, RuntimeError) as e:  # OSError: missing input, output in the way, no permission
         print(f'pervit-convert: error: {e}', file=sys.stderr)
         return 1
     print(result.summary())

@@ -4,10 +4,10 @@
 2. trains ``pervit_tiny`` from scratch (peripheral initialization) on scikit-learn's bundled handwritten digits
    (1,797 real 8x8 scans, upsampled to ``--img-size`` px, 3 channels; a stratified 20% held-out split) with timm's
    optimizer, scheduler, loss and augmentation factories, with a progress bar;
-3. saves it as a hub-ready folder (``timm.models.save_for_hf``: config.json + model.safetensors), reloads it through
-   timm's pretrained path (``timm.create_model('local-dir:<folder>', pretrained=True)``) and, when the repository's
-   ``hubconf.py`` is present, through ``torch.hub.load(<repo>, ..., source='local')``, and checks the predictions
-   are identical;
+3. saves it as a hub-ready folder (model.safetensors + a config.json describing the digits weights, written by
+   ``timm_pervit.model_card.save_for_hf``), reloads it through timm's pretrained path
+   (``timm.create_model('local-dir:<folder>', pretrained=True)``) and, when the repository's ``hubconf.py`` is
+   present, through ``torch.hub.load(<repo>, ..., source='local')``, and checks the predictions are identical;
 4. writes a PNG grid of held-out predictions (image, true label, top-3);
 5. writes the learned position-attention figures (``timm_pervit.visualize``), compared with the initialization;
 6. prints where every output file is (also listed in ``summary.json``).
@@ -520,22 +520,22 @@ def _train_summary(hist: Dict[str, Any]) -> Dict[str, Any]:
     return summary
 
 
-def _save_for_hf(model: torch.nn.Module, folder: Path, model_name: str, img_size: int) -> None:
-    """Save the trained model as a hub-ready folder (config.json + model.safetensors)."""
-    import timm
-
-    timm.models.save_for_hf(
-        model, folder, safe_serialization=True,
-        model_config=dict(
-            label_names=[str(i) for i in range(NUM_CLASSES)],
-            pretrained_cfg=dict(
-                tag='sklearn_digits',
-                description=f'{model_name} trained from scratch by `python -m timm_pervit demo` on scikit-learn '
-                            f'digits upsampled to {img_size} px (held-out top-1 in summary.json).',
-                notes=('Demo weights: 10 digit classes, not ImageNet.',),
-            )),
+def _save_for_hf(
+        model: torch.nn.Module, folder: Path, model_name: str, img_size: int,
+        model_kwargs: Optional[Dict[str, Any]] = None) -> None:
+    """Save the trained model as a hub-ready folder (config.json + model.safetensors) with metadata of these weights
+    (digits, 10 classes, their preprocessing), not of the ImageNet-1k release."""
+    from .model_card import save_for_hf
+    save_for_hf(
+        model, folder,
+        description=f'{model_name} trained from scratch by `python -m timm_pervit demo` on scikit-learn digits '
+                    f'upsampled to {img_size} px (held-out top-1 in summary.json).',
+        tag='sklearn_digits',
+        notes=('Demo weights: 10 digit classes, not ImageNet.',),
+        label_names=[str(i) for i in range(NUM_CLASSES)],
         data_config=dict(input_size=(3, img_size, img_size), mean=DIGITS_MEAN, std=DIGITS_STD, crop_pct=1.0,
-                         interpolation='bilinear'))
+                         interpolation='bilinear'),
+        model_args=model_kwargs)
 
 
 def _log_accuracy(acc: float, hist: Optional[Dict[str, Any]], log: Callable[[str], None]) -> None:
@@ -688,7 +688,7 @@ def run_demo(
             mixup=mixup, max_steps=max_steps, progress=progress)
         summary['train'] = _train_summary(hist)
         folder = out / f'{model_name}_digits'
-        _save_for_hf(model, folder, model_name, img_size)
+        _save_for_hf(model, folder, model_name, img_size, model_kwargs)
     else:
         folder, nl_init, hist = Path(checkpoint), None, None
         log(f'loaded {folder} (no training)')

@@ -762,7 +762,8 @@ def _create_pervit(variant: str, pretrained: bool = False, **kwargs) -> PerViT:
     depths = kwargs.get('depths', (2, 2, 6, 2))
     default_out = tuple(int(i) - 1 for i in torch.tensor(depths).cumsum(0).tolist())
     out_indices = kwargs.pop('out_indices', default_out)
-    try:
+
+    def build() -> PerViT:
         return build_model_with_cfg(
             PerViT,
             variant,
@@ -771,17 +772,15 @@ def _create_pervit(variant: str, pretrained: bool = False, **kwargs) -> PerViT:
             feature_cfg=dict(out_indices=out_indices, feature_cls='getter'),
             **kwargs,
         )
-    except Exception as e:
-        if not pretrained:
-            raise
-        # name what went wrong with the weights (not published, offline without cache, corrupted file, ...) and how
-        # to convert and load the official release instead
-        from .hub import explain_pretrained_error
-        error = explain_pretrained_error(
-            variant, e, kwargs.get('pretrained_cfg'), kwargs.get('pretrained_cfg_overlay'), kwargs.get('cache_dir'))
-        if error is None:
-            raise
-        raise error from e
+
+    if not pretrained:
+        return build()
+    # bounded wait for the hub, and errors of timm's weights loading step that name the problem (not published,
+    # offline without cache, corrupted or missing file, ...) and how to convert and load the official release
+    from .hub import pretrained_loading
+    with pretrained_loading(
+            variant, kwargs.get('pretrained_cfg'), kwargs.get('pretrained_cfg_overlay'), kwargs.get('cache_dir')):
+        return build()
 
 
 def _cfg(url: str = '', **kwargs) -> Dict[str, Any]:
@@ -810,6 +809,8 @@ def _in1k_cfg(variant: str) -> Dict[str, Any]:
     top1, params, gflops = PAPER_RESULTS[variant]
     return _cfg(
         hf_hub_id=f'{HF_HUB_NAMESPACE}/{variant}.in1k',
+        # the one file the converter publishes: without a name timm also asks the hub for pytorch_model.bin
+        hf_hub_filename='model.safetensors',
         description=(
             f'{variant} trained on ImageNet-1k at 224 px by the PerViT authors; paper: top-1 {top1}%, '
             f'{params}M params, {gflops} GFLOPs.'),

@@ -1,0 +1,206 @@
+"""Pretrained loading that fails: every error names the problem and the fix, only loading errors are translated, and
+an unanswering hub cannot stall ``create_model(..., pretrained=True)``.
+
+Local files go through what timm's train.py ``--pretrained-path`` does:
+``timm.create_model('pervit_tiny', pretrained=True, pretrained_cfg_overlay=dict(file=...))``.
+"""
+import json
+import os
+import random
+import subprocess
+import sys
+import traceback
+
+import pytest
+import timm
+import torch
+from huggingface_hub import constants as hf_constants
+
+from timm_pervit.convert import main as convert_main
+from timm_pervit.hub import PretrainedWeightsError, explain_pretrained_error, hub_timeout
+
+from .conftest import MICRO_KWARGS
+from .hub_server import SilentServer
+
+
+def _load(path, **kwargs):
+    return timm.create_model('pervit_tiny', pretrained=True, pretrained_cfg_overlay=dict(file=str(path)), **kwargs)
+
+
+def _load_micro(path):
+    return _load(path, **MICRO_KWARGS)
+
+
+def _rendered(error: BaseException) -> str:
+    """What Python prints for the uncaught exception (with its chain)."""
+    return ''.join(traceback.format_exception(type(error), error, error.__traceback__))
+
+
+@pytest.fixture(scope='module')
+def tiny_state_dict():
+    return {k: v.clone() for k, v in timm.create_model('pervit_tiny').state_dict().items()}
+
+
+def test_missing_file_names_path_and_fix(tmp_path):
+    missing = tmp_path / 'nope' / 'pervit_tiny.pth'
+    with pytest.raises(FileNotFoundError) as info:
+        _load_micro(missing)
+    msg = str(info.value)
+    assert str(missing) in msg and 'does not exist' in msg and 'pretrained_cfg_overlay=dict(file=' in msg
+    assert isinstance(info.value, PretrainedWeightsError) and info.value.reason == 'not_found'
+
+
+def test_directory_instead_of_file(tmp_path):
+    folder = tmp_path / 'pervit_tiny.in1k'
+    folder.mkdir()
+    with pytest.raises(FileNotFoundError) as info:
+        _load_micro(folder)
+    msg = str(info.value)
+    assert f'{folder} is a directory' in msg
+    assert str(folder / 'model.safetensors') in msg and f"'local-dir:{folder}'" in msg
+
+
+@pytest.mark.parametrize('content', ['list', 'tensor'])
+def test_file_holding_no_state_dict(content, tmp_path):
+    path = tmp_path / f'{content}.pth'
+    torch.save([torch.zeros(3)] if content == 'list' else torch.zeros(3), path)
+    with pytest.raises(ValueError) as info:
+        _load_micro(path)
+    msg = str(info.value)
+    assert f'holds a {"list" if content == "list" else "Tensor"}, not a state dict' in msg and str(path) in msg
+    assert isinstance(info.value, PretrainedWeightsError) and info.value.reason == 'invalid'
+
+
+@pytest.mark.parametrize('seed', [0, 7, 17])  # three different failures of torch.load on random bytes
+def test_random_bytes_are_corrupted_without_unsafe_advice(seed, tmp_path):
+    path = tmp_path / 'random.pth'
+    rng = random.Random(seed)
+    path.write_bytes(bytes(rng.getrandbits(8) for _ in range(4096)))
+    with pytest.raises(PretrainedWeightsError) as info:
+        _load_micro(path)
+    assert info.value.reason == 'corrupted' and str(path) in str(info.value)
+    # loading random bytes as a pickle is never the fix: the advice must not show up, not even in the chain
+    assert 'weights_only=False' not in _rendered(info.value)
+
+
+def test_truncated_torch_file_is_corrupted(tmp_path):
+    path = tmp_path / 'truncated.pth'
+    torch.save(timm.create_model('pervit_tiny', **MICRO_KWARGS).state_dict(), path)
+    data = path.read_bytes()
+    path.write_bytes(data[:len(data) // 2])
+    with pytest.raises(PretrainedWeightsError) as info:
+        _load_micro(path)
+    assert info.value.reason == 'corrupted' and str(path) in str(info.value)
+
+
+def test_wrong_shape_in_own_variant_gives_no_self_hint(tmp_path, tiny_state_dict):
+    """A pervit_tiny checkpoint with one bad tensor must not say 'create pervit_tiny instead' to a pervit_tiny."""
+    sd = dict(tiny_state_dict)
+    sd['blocks.5.mlp.fc1.weight'] = torch.zeros(7, 7)
+    path = tmp_path / 'bad_shape.pth'
+    torch.save(sd, path)
+    with pytest.raises(ValueError) as info:
+        _load(path)
+    msg = str(info.value)
+    assert 'blocks.5.mlp.fc1.weight' in msg and 'does not fit' in msg
+    assert 'looks like a pervit_tiny' not in msg
+
+
+def test_non_finite_weights_are_refused_by_name(tmp_path):
+    sd = timm.create_model('pervit_tiny', **MICRO_KWARGS).state_dict()
+    sd['blocks.3.attn.qkv.weight'][0, 0] = float('nan')
+    sd['pos_attn.blocks.2.norm2.bias'][1] = float('inf')
+    path = tmp_path / 'diverged.pth'
+    torch.save(sd, path)
+    with pytest.raises(ValueError, match='NaN or Inf') as info:
+        _load_micro(path)
+    assert 'blocks.3.attn.qkv.weight' in str(info.value) and 'pos_attn.blocks.2.norm2.bias' in str(info.value)
+
+
+def test_construction_errors_are_not_translated(tmp_path):
+    """Only timm's loading step is translated: a bad architecture argument surfaces as itself."""
+    with pytest.raises(TypeError, match='bogus') as info:
+        _load(tmp_path / 'missing.pth', bogus=1)
+    assert not isinstance(info.value, PretrainedWeightsError)
+
+
+def test_convert_output_is_an_existing_file(tmp_path, pervit_tiny_official, capsys):
+    target = tmp_path / 'pervit_tiny.in1k'
+    target.write_text('keep me')
+    assert convert_main([str(pervit_tiny_official.path), '-o', str(target), '-q']) == 1
+    err = capsys.readouterr().err
+    assert f'{target} is an existing file' in err and 'Traceback' not in err
+    assert target.read_text() == 'keep me'
+    assert convert_main([str(pervit_tiny_official.path), '-o', str(target), '--overwrite', '-q']) == 1
+    assert target.read_text() == 'keep me'
+
+
+# --- hub ------------------------------------------------------------------------------------------------------------
+def _offline_error(cause: BaseException) -> BaseException:
+    try:
+        from huggingface_hub.errors import LocalEntryNotFoundError
+    except ImportError:  # huggingface_hub < 0.25
+        from huggingface_hub.utils import LocalEntryNotFoundError
+    try:
+        try:
+            raise cause
+        except Exception as e:
+            raise LocalEntryNotFoundError('cannot find the requested files in the local cache') from e
+    except LocalEntryNotFoundError as e:
+        return e
+
+
+@pytest.mark.parametrize('offline', [False, True])
+def test_offline_message_names_the_actual_cause(offline, monkeypatch):
+    monkeypatch.setattr(hf_constants, 'HF_HUB_OFFLINE', offline)
+    error = explain_pretrained_error('pervit_tiny', _offline_error(ConnectionRefusedError(111, 'Connection refused')))
+    msg = str(error)
+    assert error.reason == 'offline' and 'no copy' in msg and 'timm-pervit/pervit_tiny.in1k' in msg
+    if offline:
+        assert 'HF_HUB_OFFLINE=1 is set' in msg
+    else:
+        assert 'could not be reached' in msg and 'Connection refused' in msg
+        assert 'HF_HUB_OFFLINE' not in msg  # it is not set: unsetting it is no advice
+
+
+_SILENT_CHILD = r'''
+import json, time, timm
+from timm_pervit.hub import PretrainedWeightsError
+t0 = time.monotonic()
+try:
+    timm.create_model('pervit_tiny', pretrained=True)
+    result = dict(loaded=True)
+except PretrainedWeightsError as e:
+    result = dict(loaded=False, reason=e.reason, message=str(e))
+result['seconds'] = time.monotonic() - t0
+print(json.dumps(result))
+'''
+
+
+def test_unanswering_hub_fails_in_bounded_time(tmp_path):
+    """An endpoint that accepts connections and never replies (it used to hang for 10+ minutes)."""
+    with SilentServer() as server:
+        env = {k: v for k, v in os.environ.items() if not k.startswith(('HF_', 'TIMM_PERVIT_HUB'))}
+        env.update(HF_ENDPOINT=server.url, HF_HOME=str(tmp_path / 'home'), HF_HUB_CACHE=str(tmp_path / 'cache'),
+                   HF_HUB_DISABLE_TELEMETRY='1', NO_PROXY='127.0.0.1,localhost', no_proxy='127.0.0.1,localhost',
+                   TIMM_PERVIT_HUB_TIMEOUT='2')
+        proc = subprocess.run([sys.executable, '-c', _SILENT_CHILD], capture_output=True, text=True, env=env,
+                              cwd=tmp_path, timeout=240)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        assert server.connections >= 1
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert not result['loaded'] and result['reason'] == 'offline'
+    assert 'did not answer within 2 s' in result['message'] and 'TIMM_PERVIT_HUB_TIMEOUT' in result['message']
+    assert result['seconds'] < 60  # the budget is 2 s; before, huggingface_hub's retries ran for many minutes
+
+
+def test_hub_timeout_setting(monkeypatch, caplog):
+    monkeypatch.delenv('TIMM_PERVIT_HUB_TIMEOUT', raising=False)
+    default = hub_timeout()
+    assert 0 < default <= 120
+    monkeypatch.setenv('TIMM_PERVIT_HUB_TIMEOUT', '7.5')
+    assert hub_timeout() == 7.5
+    monkeypatch.setenv('TIMM_PERVIT_HUB_TIMEOUT', '0')
+    assert hub_timeout() == 0
+    monkeypatch.setenv('TIMM_PERVIT_HUB_TIMEOUT', 'soon')
+    assert hub_timeout() == default and 'soon' in caplog.text
