@@ -12,6 +12,7 @@ import yaml
 from safetensors.torch import load_file
 
 from timm_pervit import PERVIT_VARIANTS
+from timm_pervit._compat import timm_loads_files_weights_only
 from timm_pervit.convert import convert_checkpoint, load_checkpoint, main, push_folder, to_official
 from timm_pervit.paper import PAPER_RESULTS
 from timm_pervit.pervit import official_to_timm as convert_official
@@ -79,11 +80,36 @@ def test_malicious_pickle_is_refused(tmp_path):
     with pytest.raises(ValueError, match='Refused to load'):
         load_checkpoint(evil)
     assert main([str(evil), '-o', str(tmp_path / 'out'), '-q']) == 1
-    # timm's own route (train.py --pretrained-path) refuses it too
-    with pytest.raises(RuntimeError, match='weights_only=True blocked'):
+    # timm's own route (train.py --pretrained-path) refuses it too: timm itself where it loads weights_only, this
+    # package's loader on the timm releases that would unpickle the file unrestricted
+    refusal = 'weights_only=True blocked' if timm_loads_files_weights_only() else 'Refused to load'
+    with pytest.raises((RuntimeError, ValueError), match=refusal):
         timm.create_model('pervit_tiny', pretrained=True, pretrained_cfg_overlay=dict(file=str(evil)))
     assert not marker.exists()
     assert not (tmp_path / 'out').exists()
+
+
+def test_file_overlay_is_read_safely_where_timm_would_unpickle(tmp_path, monkeypatch, pervit_tiny_official):
+    """On timm releases whose file loading is not weights_only, the package reads the file itself, safely."""
+    import timm_pervit._compat
+    monkeypatch.setattr(timm_pervit._compat, 'timm_loads_files_weights_only', lambda: False)
+    marker = tmp_path / 'pwned'
+
+    class Payload:
+        def __reduce__(self):
+            return exec, (f'open({str(marker)!r}, "w").write("owned")',)
+
+    evil = tmp_path / 'evil.pth'
+    torch.save({'model': {'head.weight': torch.zeros(2, 2)}, 'args': Payload()}, evil)
+    with pytest.raises(ValueError, match='Refused to load'):
+        timm.create_model('pervit_tiny', pretrained=True, pretrained_cfg_overlay=dict(file=str(evil)))
+    assert not marker.exists()
+    # the official release (argparse.Namespace inside) still loads, converted, and the weights are not kept twice
+    model = timm.create_model(
+        'pervit_tiny', pretrained=True, pretrained_cfg_overlay=dict(file=str(pervit_tiny_official.path)))
+    for name, value in pervit_tiny_official.source_state_dict.items():
+        torch.testing.assert_close(model.state_dict()[name], value, rtol=0, atol=0)
+    assert 'state_dict' not in model.pretrained_cfg
 
 
 def test_checkpoint_of_another_variant_is_named(tmp_path, pervit_tiny_official):

@@ -14,7 +14,7 @@ import timm.layers
 
 __all__ = [
     'calculate_drop_path_rates', 'get_device_dtype', 'is_compiling', 'is_fx_tracing', 'is_exporting',
-    'autocast_dtype', 'checkpoint', 'build_mlp', 'safe_globals', 'HAS_SAFE_GLOBALS',
+    'autocast_dtype', 'checkpoint', 'build_mlp', 'safe_globals', 'HAS_SAFE_GLOBALS', 'timm_loads_files_weights_only',
 ]
 
 
@@ -132,3 +132,11 @@ def safe_globals(classes: List[type]) -> Any:
     if HAS_SAFE_GLOBALS:
         return torch.serialization.safe_globals(classes)
     return _nullcontext()
+
+
+def timm_loads_files_weights_only() -> bool:
+    """Whether timm reads ``pretrained_cfg['file']`` torch files with ``weights_only=True`` (its default from 1.0.2x on;
+    earlier releases unpickle them without restriction)."""
+    from timm.models import load_state_dict
+    param = inspect.signature(load_state_dict).parameters.get('weights_only')
+    return param is not None and param.default is True

@@ -39,7 +39,7 @@ from .paper import OFFICIAL_URL
 
 __all__ = [
     'PretrainedWeightsError', 'PretrainedFileNotFoundError', 'InvalidCheckpointError', 'explain_pretrained_error',
-    'pretrained_loading', 'wait_for_hub', 'hub_timeout', 'HUB_TIMEOUT_ENV', 'DEFAULT_HUB_TIMEOUT',
+    'pretrained_loading', 'safe_file_overlay', 'wait_for_hub', 'hub_timeout', 'HUB_TIMEOUT_ENV', 'DEFAULT_HUB_TIMEOUT',
 ]
 
 _logger = logging.getLogger(__name__)
@@ -444,6 +444,23 @@ def _advises_unsafe_loading(error: BaseException) -> bool:
         seen.add(id(cur))
         cur = cur.__cause__ or cur.__context__
     return False
+
+
+def safe_file_overlay(overlay: Optional[Dict[str, Any]]) -> Optional[Dict[str, Any]]:
+    """Keep timm from unpickling a local torch weights file without restriction.
+
+    timm releases before the ``weights_only=True`` default read ``pretrained_cfg_overlay=dict(file=...)`` with a plain
+    ``torch.load``. There the file is read here instead, through ``checkpoint_io.load_checkpoint`` (``weights_only``,
+    ``argparse.Namespace`` allow-listed), and handed to timm as ``state_dict``; newer timm reads it itself.
+    """
+    from ._compat import timm_loads_files_weights_only
+    file = (overlay or {}).get('file')
+    if not file or str(file).endswith('.safetensors') or timm_loads_files_weights_only():
+        return overlay
+    from .checkpoint_io import load_checkpoint
+    overlay = dict(overlay)
+    overlay['state_dict'] = load_checkpoint(file)
+    return overlay
 
 
 @contextlib.contextmanager

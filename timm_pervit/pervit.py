@@ -777,10 +777,14 @@ def _create_pervit(variant: str, pretrained: bool = False, **kwargs) -> PerViT:
         return build()
     # bounded wait for the hub, and errors of timm's weights loading step that name the problem (not published,
     # offline without cache, corrupted or missing file, ...) and how to convert and load the official release
-    from .hub import pretrained_loading
-    with pretrained_loading(
-            variant, kwargs.get('pretrained_cfg'), kwargs.get('pretrained_cfg_overlay'), kwargs.get('cache_dir')):
-        return build()
+    from .hub import pretrained_loading, safe_file_overlay
+    overlay = kwargs.get('pretrained_cfg_overlay')
+    kwargs['pretrained_cfg_overlay'] = safe_file_overlay(overlay)
+    with pretrained_loading(variant, kwargs.get('pretrained_cfg'), overlay, kwargs.get('cache_dir')):
+        model = build()
+    if kwargs['pretrained_cfg_overlay'] is not overlay:
+        getattr(model, 'pretrained_cfg', {}).pop('state_dict', None)  # loaded: do not keep the weights twice
+    return model
 
 
 def _cfg(url: str = '', **kwargs) -> Dict[str, Any]:
