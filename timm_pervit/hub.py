@@ -11,7 +11,7 @@ Written for timm by the timm-pervit authors. Apache-2.0.
 """
 import logging
 from pathlib import Path
-from typing import Any, Dict, Optional, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 from huggingface_hub import EvalResult, ModelCard, ModelCardData, constants as hf_constants, scan_cache_dir
 from huggingface_hub import try_to_load_from_cache
@@ -24,6 +24,7 @@ except ImportError:
         EntryNotFoundError, GatedRepoError, LocalEntryNotFoundError, OfflineModeIsEnabled, RepositoryNotFoundError,
         RevisionNotFoundError)
 
+from ._compat import HAS_LOCAL_DIR
 from .paper import CITATION, OFFICIAL_URL, PAPER_NAME, PAPER_RESULTS
 from .pervit import HF_HUB_NAMESPACE
 
@@ -55,8 +56,9 @@ def _how_to_convert(variant: str) -> str:
         f'To use the official PerViT release instead: download the {variant} checkpoint from {OFFICIAL_URL}, '
         f'convert it with `python -m timm_pervit.convert <checkpoint.pth> --variant {variant} --output {tag} --verify` '
         f"and load the folder with timm.create_model('{variant}', pretrained=True, "
-        f"pretrained_cfg_overlay=dict(file='{tag}/model.safetensors')) or timm.create_model('local-dir:{tag}', "
-        f'pretrained=True); the official .pth also loads as it is with '
+        f"pretrained_cfg_overlay=dict(file='{tag}/model.safetensors'))"
+        + (f" or timm.create_model('local-dir:{tag}', pretrained=True)" if HAS_LOCAL_DIR else '')
+        + f'; the official .pth also loads as it is with '
         f'pretrained_cfg_overlay=dict(file=<official.pth>).'
     )
 
@@ -90,6 +92,15 @@ def _drop_corrupted_cache(repo_id: str, cache_dir: Optional[str] = None) -> Opti
         _logger.warning(f'Could not remove the corrupted cached file {cached}: {e}')
         return None
     return cached
+
+
+def _partial_downloads(repo_id: str, cache_dir: Optional[str] = None) -> List[Path]:
+    """The ``.incomplete`` blobs of ``repo_id`` in the cache: huggingface_hub < 1.18 keeps a broken download there
+    (and resumes from it); later releases delete it."""
+    from timm.models._hub import hf_split
+    repo, _ = hf_split(repo_id)
+    blobs = Path(cache_dir or hf_constants.HF_HUB_CACHE) / f'models--{repo.replace("/", "--")}' / 'blobs'
+    return sorted(blobs.glob('*.incomplete')) if blobs.is_dir() else []
 
 
 def _is_corrupted_file_error(error: BaseException) -> bool:
@@ -152,16 +163,14 @@ def explain_pretrained_error(
             f'The pretrained {variant} weights file from {where} is corrupted or truncated and cannot be read '
             f'({type(error).__name__}: {error}).{cleanup} If it is a local file, re-create it (re-download or '
             f're-run the converter). {fix}', reason='corrupted', source=source)
-    if is_hub and isinstance(error, OSError) and not isinstance(error, FileNotFoundError):
+    if is_hub and (isinstance(error, OSError) and not isinstance(error, FileNotFoundError)
+                   or type(error).__module__.split('.')[0] in ('httpx', 'httpx2', 'httpcore')):
+        partial = _partial_downloads(source, cache_dir)
+        written = (f'the partial download stays in the cache ({partial[0]}) and the next attempt resumes it'
+                   if partial else f'nothing was written to the cache ({cache_dir or hf_constants.HF_HUB_CACHE})')
         return PretrainedWeightsError(
             f'Downloading the pretrained {variant} weights from {where} failed ({type(error).__name__}: {error}); '
-            f'nothing was written to the cache ({hf_constants.HF_HUB_CACHE}). Retry when the connection is stable. '
-            f'{fix}', reason='download_failed', source=source)
-    if is_hub and type(error).__module__.split('.')[0] in ('httpx', 'httpx2', 'httpcore'):
-        return PretrainedWeightsError(
-            f'Downloading the pretrained {variant} weights from {where} failed ({type(error).__name__}: {error}); '
-            f'nothing was written to the cache. Retry when the connection is stable. {fix}',
-            reason='download_failed', source=source)
+            f'{written}. Retry when the connection is stable. {fix}', reason='download_failed', source=source)
     return None
 
 
