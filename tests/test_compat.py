@@ -249,3 +249,16 @@ def test_hub_fixture_patches_only_existing_constants(pervit_hf_env):
             assert getattr(file_download, name) == getattr(constants, name), name
     assert file_download.hf_hub_url('a/b', 'c.txt').startswith('http://127.0.0.1:9/a/b/resolve/')
 
+
+
+# ---- found by timm's own tests/test_models.py (.ci/timm_suite) ------------------------------------------------------
+
+def test_create_under_meta_device_context():
+    """timm's cfg test creates every model inside ``with torch.device('meta')`` (timm >= 1.0.2x): the helper tensors
+    of the constructor (stage ends, initial gate values, drop-path rates) must not follow the context."""
+    with torch.device('meta'):
+        model = timm.create_model('pervit_tiny', device='meta', dtype=torch.float32, drop_path_rate=0.1).eval()
+    assert {p.device.type for p in model.parameters()} == {'meta'}
+    assert [i['module'] for i in model.feature_info][-1] == 'blocks.11'
+    assert model.blocks[-1].drop_path1.drop_prob == pytest.approx(0.1)
+    assert model(torch.randn(1, 3, 64, 64, device='meta')).shape == (1, 1000)

@@ -29,7 +29,7 @@ def calculate_drop_path_rates(drop_path_rate: float, depth: int) -> List[float]:
     fn = getattr(timm.layers, 'calculate_drop_path_rates', None)  # timm >= 1.0.21
     if fn is not None:
         return list(fn(drop_path_rate, depth))
-    return [x.item() for x in torch.linspace(0, drop_path_rate, depth)] if depth > 1 else [0.] * depth
+    return [x.item() for x in torch.linspace(0, drop_path_rate, depth, device='cpu')] if depth > 1 else [0.] * depth
 
 
 def _timm_has_local_dir() -> bool:
