@@ -116,9 +116,12 @@ def pervit_hf_env(monkeypatch, tmp_path):
     """Point huggingface_hub at a loopback endpoint with a fresh cache, in this process and for subprocesses.
 
     huggingface_hub reads HF_ENDPOINT / HF_HUB_CACHE / HF_HUB_OFFLINE / HF_HOME once at import, so the module
-    constants are patched as well as the environment. Call the returned function with the endpoint URL (and
-    offline=True for HF_HUB_OFFLINE=1); it returns the cache directory.
+    constants are patched as well as the environment, and so are the copies that modules of huggingface_hub < 0.25
+    took with ``from .constants import ENDPOINT, ...`` (file_download, hf_api, ...). Call the returned function with
+    the endpoint URL (and offline=True for HF_HUB_OFFLINE=1); it returns the cache directory.
     """
+    import sys
+
     from huggingface_hub import constants
 
     home = tmp_path / 'hf_home'
@@ -130,14 +133,23 @@ def pervit_hf_env(monkeypatch, tmp_path):
                          no_proxy='127.0.0.1,localhost').items():
             monkeypatch.setenv(k, v)
         monkeypatch.delenv('HF_TOKEN', raising=False)
-        monkeypatch.setattr(constants, 'ENDPOINT', endpoint)
-        template = endpoint + '/{repo_id}/resolve/{revision}/{filename}'
-        monkeypatch.setattr(constants, 'HUGGINGFACE_CO_URL_TEMPLATE', template)
-        monkeypatch.setattr(constants, 'HF_HUB_CACHE', str(cache))
-        monkeypatch.setattr(constants, 'HF_HUB_OFFLINE', offline)
-        monkeypatch.setattr(constants, 'HF_HOME', str(home))
-        monkeypatch.setattr(constants, 'HF_TOKEN_PATH', str(home / 'token'))
-        monkeypatch.setattr(constants, 'AGENT_HARNESSES_PATH', str(home / '.agent_harnesses.json'))
+        values = dict(
+            ENDPOINT=endpoint,
+            HUGGINGFACE_CO_URL_TEMPLATE=endpoint + '/{repo_id}/resolve/{revision}/{filename}',
+            HF_HUB_CACHE=str(cache),
+            HF_HUB_OFFLINE=offline,
+            HF_HOME=str(home),
+            HF_TOKEN_PATH=str(home / 'token'),
+        )
+        if hasattr(constants, 'AGENT_HARNESSES_PATH'):  # huggingface_hub >= 1.19 only; never create it on older ones
+            values['AGENT_HARNESSES_PATH'] = str(home / '.agent_harnesses.json')
+        for name, value in values.items():
+            monkeypatch.setattr(constants, name, value)
+        for mod_name, module in list(sys.modules.items()):
+            if mod_name.startswith('huggingface_hub.') and module is not None and module is not constants:
+                for name, value in values.items():
+                    if hasattr(module, name):
+                        monkeypatch.setattr(module, name, value)
         return cache
 
     return point

@@ -344,11 +344,11 @@ def test_short_training_run_on_image_folder(tmp_path):
         train_set, input_size=data_config['input_size'], batch_size=12, is_training=True, re_prob=0.25,
         re_mode='pixel', re_count=1, color_jitter=0.4, auto_augment='rand-m9-mstd0.5-inc1', interpolation='bicubic',
         mean=data_config['mean'], std=data_config['std'], num_workers=0, collate_fn=collate, device=device,
-        use_prefetcher=True)
+        use_prefetcher=True, persistent_workers=False)  # timm < 1.0.29 defaults to True (needs workers)
     val_loader = create_loader(
         val_set, input_size=data_config['input_size'], batch_size=6, is_training=False,
         interpolation=data_config['interpolation'], mean=data_config['mean'], std=data_config['std'],
-        crop_pct=data_config['crop_pct'], num_workers=0, device=device, use_prefetcher=True)
+        crop_pct=data_config['crop_pct'], num_workers=0, device=device, use_prefetcher=True, persistent_workers=False)
 
     optimizer = create_optimizer_v2(model, opt='adamw', lr=3e-3, weight_decay=0.05)
     epochs = 8

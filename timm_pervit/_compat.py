@@ -5,16 +5,22 @@ helper exists in the installed version it is used as is; where it is missing, a 
 fallback names the release that introduced the real one, so it can be dropped when the floor moves past it.
 """
 import inspect
-from typing import Any, Callable, Dict, List, Optional
+import pickle
+import types
+import warnings
+from typing import Any, Callable, Dict, List, Optional, Sequence
 
 import torch
+import torch.fx._symbolic_trace as _fx_trace
 import torch.nn as nn
+import torch.onnx
 
 import timm.layers
 
 __all__ = [
     'calculate_drop_path_rates', 'get_device_dtype', 'is_compiling', 'is_fx_tracing', 'is_exporting',
     'autocast_dtype', 'checkpoint', 'build_mlp', 'safe_globals', 'HAS_SAFE_GLOBALS', 'timm_loads_files_weights_only',
+    'torch_load_weights_only', 'HAS_LOCAL_DIR',
 ]
 
 
@@ -23,7 +29,19 @@ def calculate_drop_path_rates(drop_path_rate: float, depth: int) -> List[float]:
     fn = getattr(timm.layers, 'calculate_drop_path_rates', None)  # timm >= 1.0.21
     if fn is not None:
         return list(fn(drop_path_rate, depth))
-    return [x.item() for x in torch.linspace(0, drop_path_rate, depth)] if depth > 1 else [0.] * depth
+    return [x.item() for x in torch.linspace(0, drop_path_rate, depth, device='cpu')] if depth > 1 else [0.] * depth
+
+
+def _timm_has_local_dir() -> bool:
+    try:
+        from timm.models._factory import parse_model_name
+        return parse_model_name('local-dir:probe')[0] == 'local-dir'
+    except Exception:  # timm < 1.0.16 rejects the prefix (AssertionError)
+        return False
+
+
+#: timm >= 1.0.16 creates models from a folder: ``timm.create_model('local-dir:<folder>', pretrained=True)``.
+HAS_LOCAL_DIR = _timm_has_local_dir()
 
 
 def get_device_dtype(module: nn.Module) -> Dict[str, Any]:
@@ -35,32 +53,33 @@ def get_device_dtype(module: nn.Module) -> Dict[str, Any]:
     return {'device': None if p is None else p.device, 'dtype': None if p is None else p.dtype}
 
 
+# The tracing probes below are chosen once, at import: torch.compile calls them while it traces the model, and
+# dynamo of torch < 2.3 cannot trace ``hasattr``/``getattr`` on a module (it graph-breaks, fatal with fullgraph=True).
+_compiler = getattr(torch, 'compiler', None)
+if hasattr(_compiler, 'is_compiling'):  # torch >= 2.3
+    _is_compiling: Callable[[], bool] = _compiler.is_compiling
+else:
+    from torch._dynamo import is_compiling as _is_compiling
+
+# torch >= 2.9 has is_fx_symbolic_tracing (False under dynamo) and deprecates is_fx_tracing
+_is_fx_tracing: Callable[[], bool] = getattr(_fx_trace, 'is_fx_symbolic_tracing', None) or _fx_trace.is_fx_tracing
+_is_onnx_exporting: Callable[[], bool] = getattr(torch.onnx, 'is_in_onnx_export', None) or (lambda: False)
+_is_torch_exporting: Callable[[], bool] = getattr(_compiler, 'is_exporting', None) or (lambda: False)  # torch >= 2.6
+
+
 def is_compiling() -> bool:
     """True while torch.compile (dynamo) traces the code."""
-    compiler = getattr(torch, 'compiler', None)
-    if compiler is not None and hasattr(compiler, 'is_compiling'):  # torch >= 2.3
-        return compiler.is_compiling()
-    from torch._dynamo import is_compiling as dynamo_is_compiling
-    return dynamo_is_compiling()
+    return bool(_is_compiling())
 
 
 def is_fx_tracing() -> bool:
     """True while torch.fx symbolic tracing runs (values are Proxies, data-dependent checks must be skipped)."""
-    import torch.fx._symbolic_trace as st
-    fn = getattr(st, 'is_fx_symbolic_tracing', None) or getattr(st, 'is_fx_tracing', None)  # 2.9 / earlier
-    return bool(fn()) if fn is not None else False
+    return bool(_is_fx_tracing())
 
 
 def is_exporting() -> bool:
     """True while torch.jit.trace, torch.onnx or torch.export trace the model (no Python-side caching allowed)."""
-    if torch.jit.is_tracing():
-        return True
-    onnx = getattr(torch, 'onnx', None)
-    if onnx is not None and getattr(onnx, 'is_in_onnx_export', lambda: False)():
-        return True
-    compiler = getattr(torch, 'compiler', None)
-    fn = getattr(compiler, 'is_exporting', None)  # torch >= 2.6
-    return bool(fn()) if fn is not None else False
+    return torch.jit.is_tracing() or bool(_is_onnx_exporting()) or bool(_is_torch_exporting())
 
 
 def autocast_dtype(device_type: str) -> Optional[torch.dtype]:
@@ -140,3 +159,49 @@ def timm_loads_files_weights_only() -> bool:
     from timm.models import load_state_dict
     param = inspect.signature(load_state_dict).parameters.get('weights_only')
     return param is not None and param.default is True
+
+
+def torch_load_weights_only(path: str, safe_classes: Sequence[type] = ()) -> Any:
+    """``torch.load(path, map_location='cpu', weights_only=True)`` that also accepts instances of ``safe_classes``.
+
+    torch >= 2.5 allow-lists them with ``torch.serialization.safe_globals``. Older torch has no way to do that (its
+    weights-only unpickler cannot even build plain objects), so where its weights-only load refuses the file, the file
+    is read again with ``_RestrictedUnpickler``: the standard unpickler limited to the same globals plus
+    ``safe_classes``. Either way no other class or function named in the file is ever imported or called.
+
+    Raises:
+        pickle.UnpicklingError: The file needs globals other than tensors, containers and ``safe_classes``.
+    """
+    if HAS_SAFE_GLOBALS:
+        with torch.serialization.safe_globals(list(safe_classes)):
+            return torch.load(path, map_location='cpu', weights_only=True)
+    try:
+        return torch.load(path, map_location='cpu', weights_only=True)
+    except pickle.UnpicklingError:
+        if not safe_classes:
+            raise
+    module = _restricted_pickle_module(safe_classes)
+    with warnings.catch_warnings():
+        # torch 2.4 warns about every weights_only=False load; this one is restricted by ``module``
+        warnings.filterwarnings('ignore', message='.*weights_only=False', category=FutureWarning)
+        return torch.load(path, map_location='cpu', pickle_module=module, weights_only=False)
+
+
+def _restricted_pickle_module(safe_classes: Sequence[type]) -> Any:
+    """A ``pickle_module`` for ``torch.load`` whose unpickler only resolves torch's weights-only globals and
+    ``safe_classes`` (fallback for ``torch.serialization.safe_globals``, torch 2.5)."""
+    from torch import _weights_only_unpickler  # torch < 2.5: the allow-list of its weights-only load
+    allowed = dict(_weights_only_unpickler._get_allowed_globals())
+    allowed.update({f'{c.__module__}.{c.__qualname__}': c for c in safe_classes})
+
+    class _RestrictedUnpickler(pickle.Unpickler):
+        def find_class(self, module: str, name: str) -> Any:
+            obj = allowed.get(f'{module}.{name}')
+            if obj is None:
+                raise pickle.UnpicklingError(f'Refusing to load the global {module}.{name} (not allow-listed)')
+            return obj
+
+    def load(file: Any, **kwargs: Any) -> Any:
+        return _RestrictedUnpickler(file, **kwargs).load()
+
+    return types.SimpleNamespace(__name__='timm_pervit_restricted_pickle', Unpickler=_RestrictedUnpickler, load=load)

@@ -15,7 +15,7 @@ import torch
 
 from timm.models import clean_state_dict
 
-from ._compat import HAS_SAFE_GLOBALS, safe_globals
+from ._compat import torch_load_weights_only
 
 __all__ = ['load_checkpoint', 'state_dict_of', 'STATE_DICT_KEYS']
 
@@ -54,8 +54,7 @@ def load_checkpoint(path: PathLike) -> Dict[str, torch.Tensor]:
             raise ValueError(f'Cannot read {path} as safetensors ({e}); the file is truncated or not safetensors.')
     else:
         try:
-            with safe_globals([argparse.Namespace]):
-                checkpoint = torch.load(str(path), map_location='cpu', weights_only=True)
+            checkpoint = torch_load_weights_only(str(path), [argparse.Namespace])
         except pickle.UnpicklingError as e:
             raise ValueError(_refusal(path)) from e
         except (RuntimeError, EOFError) as e:
@@ -69,10 +68,6 @@ def _refusal(path: Path) -> str:
         unsafe = ', '.join(torch.serialization.get_unsafe_globals_in_checkpoint(str(path)))
     except Exception:  # torch < 2.5 cannot list them
         pass
-    if not HAS_SAFE_GLOBALS and (not unsafe or unsafe == 'argparse.Namespace'):
-        return (f'Refused to load {path}: it holds an argparse.Namespace (official PerViT checkpoints do), which this '
-                f'torch {torch.__version__} cannot allow-list for weights_only loading (torch >= 2.5 can). Upgrade '
-                f'torch, or re-save just the state dict (torch.save(ckpt["model"], ...)) from a trusted session.')
     return (f'Refused to load {path}: it contains pickled objects that are not plain tensors or containers'
             f'{f" ({unsafe})" if unsafe else ""}, and loading them could run arbitrary code. An official PerViT '
             f'checkpoint only holds tensors, numbers and an argparse.Namespace, so this file is not one (or was '

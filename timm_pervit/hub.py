@@ -35,6 +35,7 @@ except ImportError:
         EntryNotFoundError, GatedRepoError, HfHubHTTPError, LocalEntryNotFoundError, OfflineModeIsEnabled,
         RepositoryNotFoundError, RevisionNotFoundError)
 
+from ._compat import HAS_LOCAL_DIR
 from .paper import OFFICIAL_URL
 
 __all__ = [
@@ -122,9 +123,9 @@ def _how_to_convert(variant: str) -> str:
         f'To use the official PerViT release instead: download the {variant} checkpoint from {OFFICIAL_URL}, '
         f'convert it with `python -m timm_pervit.convert <checkpoint.pth> --variant {variant} --output {tag} --verify` '
         f"and load the folder with timm.create_model('{variant}', pretrained=True, "
-        f"pretrained_cfg_overlay=dict(file='{tag}/model.safetensors')) or timm.create_model('local-dir:{tag}', "
-        f'pretrained=True); the official .pth also loads as it is with '
-        f'pretrained_cfg_overlay=dict(file=<official.pth>).'
+        f"pretrained_cfg_overlay=dict(file='{tag}/model.safetensors'))"
+        + (f" or timm.create_model('local-dir:{tag}', pretrained=True)" if HAS_LOCAL_DIR else '')
+        + '; the official .pth also loads as it is with pretrained_cfg_overlay=dict(file=<official.pth>).'
     )
 
 

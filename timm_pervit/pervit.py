@@ -202,8 +202,8 @@ class PeripheralPosition(nn.Module):
         nn.init.constant_(self.dist_proj.weight, -0.02)
         nn.init.zeros_(self.dist_proj.bias)
         depth = len(self.blocks)
-        biases = torch.linspace(-5., 4., depth).tolist()
-        scales = torch.linspace(3., 0.01, depth).tolist()
+        biases = torch.linspace(-5., 4., depth, device='cpu').tolist()  # 'cpu': also under a meta device context
+        scales = torch.linspace(3., 0.01, depth, device='cpu').tolist()
         for blk, bias, scale in zip(self.blocks, biases, scales):
             blk.init_weights(gate_bias=bias, gate_scale=scale)
 
@@ -760,7 +760,7 @@ def _variant_hint(state_dict: Dict[str, torch.Tensor], model: 'PerViT') -> str:
 
 def _create_pervit(variant: str, pretrained: bool = False, **kwargs) -> PerViT:
     depths = kwargs.get('depths', (2, 2, 6, 2))
-    default_out = tuple(int(i) - 1 for i in torch.tensor(depths).cumsum(0).tolist())
+    default_out = tuple(int(i) - 1 for i in torch.tensor(depths, device='cpu').cumsum(0).tolist())
     out_indices = kwargs.pop('out_indices', default_out)
 
     def build() -> PerViT:
