@@ -280,6 +280,8 @@ class PeripheralPosition(nn.Module):
         if torch.jit.is_scripting():
             return self.compute(h, w, num_blocks)
         if is_exporting() and not self.training:
+            # as in eager eval (built under no_grad for the cache), a constant; a mask requiring grad would also send
+            # SDPA to another kernel in torch.onnx's decompositions than in the trace, breaking the traced reshapes
             return [t.detach() for t in self.compute(h, w, num_blocks)]
         if is_compiling() or is_exporting() or (self.training and torch.is_grad_enabled()):
             return self.compute(h, w, num_blocks)
