@@ -4,8 +4,10 @@ One exported file / program per exporter must serve every input size (batch, hei
 exports once at 224 px and compares with eager PyTorch at other sizes. The models are exported in eval mode without
 ``torch.no_grad()`` around the export, the way a new user calls it.
 """
+import importlib
+import importlib.util
 import inspect
-from typing import Dict, List, Tuple
+from typing import Any, Dict, List, Tuple
 
 import numpy as np
 import pytest
@@ -26,6 +28,13 @@ EXPORT_EXTRA = 'the ONNX tests need onnx and onnxruntime (pip install "timm-perv
 _HAS_DYNAMO_ONNX = 'dynamo' in inspect.signature(torch.onnx.export).parameters
 
 
+def _require(module: str, reason: str = EXPORT_EXTRA) -> Any:
+    """Import an optional export dependency; skip only when it is not installed (a broken install fails)."""
+    if importlib.util.find_spec(module) is None:
+        pytest.skip(reason)
+    return importlib.import_module(module)
+
+
 def _dynamic_shapes() -> Dict[str, Dict[int, Dim]]:
     """Batch, height and width dynamic; 32 px is the smallest input PerViT takes."""
     return {'x': {
@@ -36,7 +45,7 @@ def _onnx_export(model: torch.nn.Module, path: str, dynamo: bool) -> None:
     x = torch.randn(2, 3, 224, 224)
     assert torch.is_grad_enabled()  # exported the way a new user does it: no torch.no_grad() around the call
     if dynamo:
-        pytest.importorskip('onnxscript', reason='the dynamo-based ONNX exporter needs onnxscript')
+        _require('onnxscript', reason='the dynamo-based ONNX exporter needs onnxscript')
         torch.onnx.export(
             model, (x,), path, dynamo=True, input_names=['x'], output_names=['logits'],
             dynamic_shapes=_dynamic_shapes())
@@ -49,7 +58,7 @@ def _onnx_export(model: torch.nn.Module, path: str, dynamo: bool) -> None:
 
 def _max_diff_per_size(model: torch.nn.Module, path: str, sizes: List[Tuple[int, int]]) -> Dict[Tuple, float]:
     """Max |ONNX Runtime - PyTorch| of the logits per (batch, h, w), one ONNX Runtime session for all sizes."""
-    ort = pytest.importorskip('onnxruntime', reason=EXPORT_EXTRA)
+    ort = _require('onnxruntime')
     session = ort.InferenceSession(path, providers=['CPUExecutionProvider'])
     name = session.get_inputs()[0].name
     diffs = {}
@@ -66,7 +75,7 @@ def _max_diff_per_size(model: torch.nn.Module, path: str, sizes: List[Tuple[int,
 
 def _assert_declared_dynamic(path: str) -> None:
     """The graph input declares batch, height and width symbolic (no baked size a runtime could trust)."""
-    onnx = pytest.importorskip('onnx', reason=EXPORT_EXTRA)
+    onnx = _require('onnx')
     dims = onnx.load(path, load_external_data=False).graph.input[0].type.tensor_type.shape.dim
     assert [bool(d.dim_param) for d in dims] == [True, False, True, True], dims
     assert dims[1].dim_value == 3
@@ -79,7 +88,7 @@ def _assert_declared_dynamic(path: str) -> None:
     pytest.param(False, id='legacy'),
 ])
 def test_onnx_one_file_serves_every_size(tmp_path, dynamo):
-    pytest.importorskip('onnxruntime', reason=EXPORT_EXTRA)
+    _require('onnxruntime')
     model = make_micro().eval()
     path = str(tmp_path / 'micro.onnx')
     _onnx_export(model, path, dynamo)
@@ -93,7 +102,7 @@ def test_onnx_one_file_serves_every_size(tmp_path, dynamo):
 def test_onnx_pervit_tiny_dynamo(tmp_path):
     """The real variant through the dynamo-based exporter (the default from torch 2.9), at a size it was not traced at.
     """
-    pytest.importorskip('onnxruntime', reason=EXPORT_EXTRA)
+    _require('onnxruntime')
     model = timm.create_model('pervit_tiny').eval()
     path = str(tmp_path / 'pervit_tiny.onnx')
     _onnx_export(model, path, dynamo=True)
@@ -104,7 +113,7 @@ def test_onnx_pervit_tiny_dynamo(tmp_path):
 @pytest.mark.slow
 def test_onnx_through_timm_export_helper(tmp_path):
     """``timm.utils.onnx.onnx_export`` called the way timm's onnx_export.py calls it (``--dynamic-size``)."""
-    pytest.importorskip('onnxruntime', reason=EXPORT_EXTRA)
+    _require('onnxruntime')
     from timm.utils.onnx import onnx_export
     model = timm.create_model('pervit_tiny', **MICRO_KWARGS)
     path = str(tmp_path / 'micro.onnx')

@@ -6,6 +6,7 @@ Two kinds of folders: the one this package's converter writes (``pervit_hub_root
 ``save_for_hf`` config while transformers passes ``num_classes`` again, so the plain folder gets the workaround that
 docs/deployment.md gives (drop ``num_classes`` from ``model_args``).
 """
+import importlib.util
 import json
 import os
 import subprocess
@@ -24,8 +25,9 @@ import timm_pervit  # noqa: F401  (explicit registration; the autoload hook is t
 
 from .conftest import MICRO_KWARGS
 
-transformers = pytest.importorskip(
-    'transformers', reason='the transformers integration tests need transformers (part of the test extra)')
+# skipped only when not installed: a broken install must fail
+if importlib.util.find_spec('transformers') is None:
+    pytest.skip('the transformers integration tests need transformers (part of the test extra)', allow_module_level=True)
 
 from transformers import (  # noqa: E402
     AutoConfig, AutoModelForImageClassification, TimmWrapperConfig, TimmWrapperForImageClassification, pipeline)
