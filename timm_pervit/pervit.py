@@ -210,23 +210,25 @@ class PeripheralPosition(nn.Module):
     def distances(self, h: int, w: int) -> torch.Tensor:
         """Euclidean distance from every query (inner h x w grid) to every key of the extended grid.
 
+        Built from integer grid offsets times the grid step ``2 / (n - 1)`` (the spacing of ``linspace(-1, 1, n)``):
+        the same values as differences of linspace coordinates up to float rounding, exactly translation invariant,
+        and every size is derived from ``torch.arange(n)``, so ``h`` and ``w`` stay symbolic when torch.export or
+        torch.onnx trace the model (the exported graph then works at every input size).
+
         Returns:
             Distances of shape (h*w, 1, h+4, w+4), on the device and in the dtype of the parameters.
         """
         weight = self.dist_proj.weight
         p = self.key_pad
-        axes_q = []
-        axes_k = []
+        offsets: List[torch.Tensor] = []
         for n in (h, w):
-            step = 2. / (n - 1)
-            axes_q.append(torch.linspace(-1., 1., n, device=weight.device, dtype=weight.dtype))
-            axes_k.append(torch.linspace(
-                -1. - p * step, 1. + p * step, n + 2 * p, device=weight.device, dtype=weight.dtype))
-        qy, qx = torch.meshgrid(axes_q[0], axes_q[1], indexing='ij')
-        ky, kx = torch.meshgrid(axes_k[0], axes_k[1], indexing='ij')
-        dy = qy.reshape(-1, 1, 1) - ky.unsqueeze(0)
-        dx = qx.reshape(-1, 1, 1) - kx.unsqueeze(0)
-        return torch.sqrt(dy * dy + dx * dx).unsqueeze(1)
+            query = torch.arange(n, device=weight.device, dtype=weight.dtype)
+            key = torch.arange(n + 2 * p, device=weight.device, dtype=weight.dtype) - p
+            step = query[-1].reciprocal() * 2.  # a tensor: a Python float of n would be baked into a traced graph
+            offsets.append((query.unsqueeze(1) - key.unsqueeze(0)) * step)  # (n, n + 2p): query to key coordinate
+        dy = offsets[0][:, None, :, None]
+        dx = offsets[1][None, :, None, :]
+        return torch.sqrt(dy * dy + dx * dx).flatten(0, 1).unsqueeze(1)
 
     def compute(self, h: int, w: int, num_blocks: Optional[int] = None) -> List[torch.Tensor]:
         """Compute ``log(phi_p)`` for the first ``num_blocks`` blocks (all by default), without caching."""
@@ -277,6 +279,10 @@ class PeripheralPosition(nn.Module):
         """Return ``log(phi_p)`` of the first ``num_blocks`` blocks for an h x w token grid, each (H, h*w, h*w)."""
         if torch.jit.is_scripting():
             return self.compute(h, w, num_blocks)
+        if is_exporting() and not self.training:
+            # as in eager eval (built under no_grad for the cache), a constant; a mask requiring grad would also send
+            # SDPA to another kernel in torch.onnx's decompositions than in the trace, breaking the traced reshapes
+            return [t.detach() for t in self.compute(h, w, num_blocks)]
         if is_compiling() or is_exporting() or (self.training and torch.is_grad_enabled()):
             return self.compute(h, w, num_blocks)
         return self._cached(h, w, len(self.blocks) if num_blocks is None else num_blocks)
