@@ -27,7 +27,8 @@ from .conftest import MICRO_KWARGS
 
 # skipped only when not installed: a broken install must fail
 if importlib.util.find_spec('transformers') is None:
-    pytest.skip('the transformers integration tests need transformers (part of the test extra)', allow_module_level=True)
+    pytest.skip('the transformers tests need transformers (pip install "timm-pervit[transformers]")',
+                allow_module_level=True)
 
 from transformers import (  # noqa: E402
     AutoConfig, AutoModelForImageClassification, TimmWrapperConfig, TimmWrapperForImageClassification, pipeline)
