@@ -657,7 +657,8 @@ class PerViT(nn.Module):
 
 
 #: The official checkpoint layout <-> this implementation's, one row per renamed key prefix; ``{i}`` is a block or stem
-#: index, ``{n}`` the index of the stem's final 1x1 conv (the number of stride-2 convs). Keys not listed keep their name.
+#: index, ``{n}`` the index of the stem's final 1x1 conv (the number of stride-2 convs). Keys not listed keep their
+#: name.
 #: The first matching row applies, so specific prefixes come before general ones.
 OFFICIAL_KEY_MAP: Tuple[Tuple[str, str], ...] = (
     ('conv_layers.conv_layers.{i}.0.', 'stem.{i}.conv.'),
@@ -721,8 +722,8 @@ def checkpoint_filter_fn(state_dict: Dict[str, Any], model: PerViT) -> Dict[str,
     Accepts a bare state dict or a training checkpoint holding it under 'model' / 'state_dict' (also the names this
     implementation used before, see ``RENAMED_KEYS``). Raises a ValueError when the tensors do not fit the model's
     architecture (naming the released variant the checkpoint belongs to, if it is another one), when it holds NaN or
-    Inf values (naming the tensors), or when it is not a state dict at all. The stem's first conv and the classifier are not checked: timm adapts them for
-    ``in_chans`` / ``num_classes`` after this filter.
+    Inf values (naming the tensors), or when it is not a state dict at all. The stem's first conv and the classifier
+    are not checked: timm adapts them for ``in_chans`` / ``num_classes`` after this filter.
     """
     state_dict = state_dict_of(state_dict, 'the PerViT checkpoint')
     if is_official_layout(state_dict):
