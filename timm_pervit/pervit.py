@@ -31,6 +31,7 @@ Beyond the official implementation, this one:
 
 Written for timm by the timm-pervit authors from the paper and the facts of the official release. Apache-2.0.
 """
+import itertools
 import logging
 import re
 from typing import Any, Dict, List, Optional, Tuple, Type, Union
@@ -80,12 +81,28 @@ PERVIT_VARIANTS: Dict[str, Dict[str, Any]] = {
 
 
 @register_notrace_function
-def check_image_batch(x: torch.Tensor, in_chans: int) -> None:
-    """Raise a ValueError that names the problem and the fix for an input PerViT cannot take."""
+def check_image_batch(x: torch.Tensor, in_chans: int, weight_dtype: Optional[torch.dtype] = None) -> None:
+    """Raise an error that names the problem and the fix for an input PerViT cannot take.
+
+    Args:
+        x: The model input.
+        in_chans: Input channels the model was built for.
+        weight_dtype: Dtype of the stem's first conv; an input of another dtype is refused unless autocast is on for
+            its device (autocast casts both).
+    """
+    if not isinstance(x, torch.Tensor):
+        kind = f'{type(x).__module__}.{type(x).__name__}'
+        fix = 'torch.from_numpy(x) (an HWC image also needs .permute(2, 0, 1))' if kind.startswith('numpy.') \
+            else "timm's transform: timm.data.create_transform(**timm.data.resolve_data_config({}, model=model))"
+        raise TypeError(f'PerViT expects a torch.Tensor image batch (B, C, H, W), got a {kind}; convert it with {fix}.')
     if x.dim() != 4:
         raise ValueError(
             f'PerViT expects a 4-D image batch (B, C, H, W), got a tensor of shape {tuple(x.shape)}; '
             f'add a batch dimension with x.unsqueeze(0) for a single image.')
+    if x.shape[1] == 0:
+        raise ValueError(
+            f'PerViT got an empty image batch with 0 channels (input shape {tuple(x.shape)}); the images were lost '
+            f'before the model (check the data pipeline), the model expects {in_chans} channels.')
     if x.shape[1] != in_chans:
         raise ValueError(
             f'PerViT was built for {in_chans} input channels but got {x.shape[1]} (input shape {tuple(x.shape)}); '
@@ -94,6 +111,15 @@ def check_image_batch(x: torch.Tensor, in_chans: int) -> None:
         raise ValueError(
             f'PerViT needs images of at least {MIN_INPUT_SIZE}x{MIN_INPUT_SIZE} px (the 1/16 token grid needs two '
             f'tokens per side), got {x.shape[-2]}x{x.shape[-1]}; resize or pad the input.')
+    if not x.is_floating_point():
+        raise TypeError(
+            f'PerViT expects float images normalized like its training data, got a {x.dtype} tensor; convert it '
+            f"with timm's transform (timm.data.create_transform(**timm.data.resolve_data_config({{}}, model=model))) "
+            f"or by hand: x.float() / 255, then normalize with the model's pretrained_cfg mean and std.")
+    if weight_dtype is not None and x.dtype != weight_dtype and autocast_dtype(x.device.type) is None:
+        raise TypeError(
+            f'PerViT input is {x.dtype} but the model is {weight_dtype}: convert the input with x.to({weight_dtype}) '
+            f'(or the model with model.to({x.dtype}), or run under torch.autocast).')
 
 
 class ConvBnReLU(nn.Module):
@@ -202,8 +228,9 @@ class PeripheralPosition(nn.Module):
         nn.init.constant_(self.dist_proj.weight, -0.02)
         nn.init.zeros_(self.dist_proj.bias)
         depth = len(self.blocks)
-        biases = torch.linspace(-5., 4., depth).tolist()
-        scales = torch.linspace(3., 0.01, depth).tolist()
+        # plain numbers, computed on the CPU whatever the default device (a meta-device build has no values)
+        biases = torch.linspace(-5., 4., depth, device='cpu').tolist()
+        scales = torch.linspace(3., 0.01, depth, device='cpu').tolist()
         for blk, bias, scale in zip(self.blocks, biases, scales):
             blk.init_weights(gate_bias=bias, gate_scale=scale)
 
@@ -559,7 +586,7 @@ class PerViT(nn.Module):
 
     def _stem(self, x: torch.Tensor) -> torch.Tensor:
         if not torch.jit.is_scripting():
-            check_image_batch(x, self.in_chans)
+            check_image_batch(x, self.in_chans, self.stem[0].conv.weight.dtype)
         if not self.training:
             # at inference the stem runs channels-last (faster on CPU, and its output is then already the NHWC token
             # grid). Not in training: torch's channels-last BatchNorm gathers batch statistics less precisely than the
@@ -760,7 +787,8 @@ def _variant_hint(state_dict: Dict[str, torch.Tensor], model: 'PerViT') -> str:
 
 def _create_pervit(variant: str, pretrained: bool = False, **kwargs) -> PerViT:
     depths = kwargs.get('depths', (2, 2, 6, 2))
-    default_out = tuple(int(i) - 1 for i in torch.tensor(depths).cumsum(0).tolist())
+    # plain integers: with a meta default device (``with torch.device('meta')``) a tensor here would hold no values
+    default_out = tuple(end - 1 for end in itertools.accumulate(depths))
     out_indices = kwargs.pop('out_indices', default_out)
     try:
         return build_model_with_cfg(
