@@ -179,6 +179,26 @@ def _has_opaque_hooks(module: nn.Module) -> bool:
     return any(not isinstance(hook, _PURE_PRE_HOOKS) for hook in module._forward_pre_hooks.values())
 
 
+def _graph_breaks_allowed() -> bool:
+    """While torch.compile traces: whether a graph break is allowed (False under ``fullgraph=True``).
+
+    Evaluated once per trace as a constant (``assume_constant_result``). Where torch does not expose the tracer this
+    way, it answers False, and the traced graph recomputes the position attention.
+    """
+    try:
+        from torch._dynamo.symbolic_convert import InstructionTranslator
+        tx = InstructionTranslator.current_tx()
+        return not (tx.one_graph or getattr(tx, 'error_on_graph_break', False))
+    except Exception:  # noqa: BLE001 - tracer internals differ across torch releases: fall back to no break
+        return False
+
+
+_assume_constant_result = getattr(torch.compiler, 'assume_constant_result', None) \
+    or torch._dynamo.assume_constant_result  # torch < 2.2
+_graph_breaks_allowed = _assume_constant_result(_graph_breaks_allowed)
+_compiler_disable = getattr(torch.compiler, 'disable', None) or torch._dynamo.disable
+
+
 class PositionConvNet(nn.Module):
     """The per-block conv network of the peripheral position encoding.
 
@@ -472,6 +492,12 @@ class PeripheralPosition(nn.Module):
                 f'model with a larger pos_cache_bytes to keep it.')
         return tensors[:num_blocks]
 
+    @torch.jit.unused
+    @_compiler_disable
+    def _cached_outside_graph(self, h: int, w: int, num_blocks: int) -> List[torch.Tensor]:
+        """``_cached`` run eagerly from a compiled model: a graph break, and the graph takes the tensors as inputs."""
+        return self._cached(h, w, num_blocks)
+
     def _cached_bytes(self) -> int:
         return sum(e.nbytes for e in self._cache.values())
 
@@ -491,9 +517,16 @@ class PeripheralPosition(nn.Module):
         """Return ``log(phi_p)`` of the first ``num_blocks`` blocks for an h x w token grid, each (H, h*w, h*w)."""
         if torch.jit.is_scripting():
             return self.compute(h, w, num_blocks)
-        if is_compiling() or is_exporting() or (self.training and torch.is_grad_enabled()):
+        if is_exporting() or (self.training and torch.is_grad_enabled()):
             return self.compute(h, w, num_blocks)
-        return self._cached(h, w, len(self.blocks) if num_blocks is None else num_blocks)
+        num_blocks = len(self.blocks) if num_blocks is None else num_blocks
+        if is_compiling():
+            # torch.compile: the lookup runs outside the graph (a graph break), so a compiled model reuses the cache
+            # like an eager one; under fullgraph=True no break is possible and the graph recomputes it every call
+            if _graph_breaks_allowed():
+                return self._cached_outside_graph(h, w, num_blocks)
+            return self.compute(h, w, num_blocks)
+        return self._cached(h, w, num_blocks)
 
 
 class PeripheralAttention(nn.Module):
