@@ -1,4 +1,4 @@
-"""The position attention is built once per grid at inference and can never be stale."""
+"""The position attention is built once per grid at inference and can never be stale (see also test_reliability.py)."""
 import copy
 
 import pytest
@@ -104,7 +104,7 @@ def test_not_stale_after_dtype_and_device_moves():
         ref32 = model(x)
         model.double()
         out64 = model(x.double())
-        assert all(t.dtype == torch.float64 for v in model.pos_attn._cache.values() for t in v)
+        assert all(t.dtype == torch.float64 for e in model.pos_attn._cache.values() for t in e.tensors)
         model.float()
         out32 = model(x)
         model.to('meta')

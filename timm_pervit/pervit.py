@@ -31,15 +31,21 @@ Beyond the official implementation, this one:
 
 Written for timm by the timm-pervit authors from the paper and the facts of the official release. Apache-2.0.
 """
+import itertools
 import logging
 import re
-from typing import Any, Dict, List, Optional, Tuple, Type, Union
+import threading
+from collections import OrderedDict
+from typing import Any, Dict, List, NamedTuple, Optional, Tuple, Type, Union
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+import torch.nn.utils.parametrize as parametrize
 
 from torch.jit import Final
+from torch.nn.utils import prune
+from torch.nn.utils.weight_norm import WeightNorm
 
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import DropPath, Mlp, trunc_normal_, use_fused_attn
@@ -56,7 +62,7 @@ from .paper import OFFICIAL_URL, PAPER_ID, PAPER_NAME, PAPER_RESULTS
 __all__ = [
     'PerViT', 'PeripheralPosition', 'PositionConvNet', 'PeripheralAttention', 'PerViTBlock', 'checkpoint_filter_fn',
     'official_to_timm', 'timm_to_official', 'is_official_layout', 'OFFICIAL_KEY_MAP', 'PERVIT_VARIANTS',
-    'HF_HUB_NAMESPACE', 'MIN_INPUT_SIZE',
+    'HF_HUB_NAMESPACE', 'MIN_INPUT_SIZE', 'POS_CACHE_BYTES',
 ]
 
 _logger = logging.getLogger(__name__)
@@ -66,6 +72,10 @@ HF_HUB_NAMESPACE = 'timm-pervit'
 
 #: Smallest accepted input side in pixels: the stem reduces by 16 and the position grid needs >= 2 tokens per axis.
 MIN_INPUT_SIZE = 32
+
+#: Default bound of the inference cache of the position attention (``pos_cache_bytes``): pervit_tiny at 640 px or
+#: pervit_medium at 448 px still fit, in float32.
+POS_CACHE_BYTES = 512 * 2 ** 20
 
 #: Key positions added on each side of the token grid for the position encoding: the two valid 3x3 convs of
 #: ``PositionConvNet`` remove them again.
@@ -80,12 +90,28 @@ PERVIT_VARIANTS: Dict[str, Dict[str, Any]] = {
 
 
 @register_notrace_function
-def check_image_batch(x: torch.Tensor, in_chans: int) -> None:
-    """Raise a ValueError that names the problem and the fix for an input PerViT cannot take."""
+def check_image_batch(x: torch.Tensor, in_chans: int, weight_dtype: Optional[torch.dtype] = None) -> None:
+    """Raise an error that names the problem and the fix for an input PerViT cannot take.
+
+    Args:
+        x: The model input.
+        in_chans: Input channels the model was built for.
+        weight_dtype: Dtype of the stem's first conv; an input of another dtype is refused unless autocast is on for
+            its device (autocast casts both).
+    """
+    if not isinstance(x, torch.Tensor):
+        kind = f'{type(x).__module__}.{type(x).__name__}'
+        fix = 'torch.from_numpy(x) (an HWC image also needs .permute(2, 0, 1))' if kind.startswith('numpy.') \
+            else "timm's transform: timm.data.create_transform(**timm.data.resolve_data_config({}, model=model))"
+        raise TypeError(f'PerViT expects a torch.Tensor image batch (B, C, H, W), got a {kind}; convert it with {fix}.')
     if x.dim() != 4:
         raise ValueError(
             f'PerViT expects a 4-D image batch (B, C, H, W), got a tensor of shape {tuple(x.shape)}; '
             f'add a batch dimension with x.unsqueeze(0) for a single image.')
+    if x.shape[1] == 0:
+        raise ValueError(
+            f'PerViT got an empty image batch with 0 channels (input shape {tuple(x.shape)}); the images were lost '
+            f'before the model (check the data pipeline), the model expects {in_chans} channels.')
     if x.shape[1] != in_chans:
         raise ValueError(
             f'PerViT was built for {in_chans} input channels but got {x.shape[1]} (input shape {tuple(x.shape)}); '
@@ -94,6 +120,15 @@ def check_image_batch(x: torch.Tensor, in_chans: int) -> None:
         raise ValueError(
             f'PerViT needs images of at least {MIN_INPUT_SIZE}x{MIN_INPUT_SIZE} px (the 1/16 token grid needs two '
             f'tokens per side), got {x.shape[-2]}x{x.shape[-1]}; resize or pad the input.')
+    if not x.is_floating_point():
+        raise TypeError(
+            f'PerViT expects float images normalized like its training data, got a {x.dtype} tensor; convert it '
+            f"with timm's transform (timm.data.create_transform(**timm.data.resolve_data_config({{}}, model=model))) "
+            f"or by hand: x.float() / 255, then normalize with the model's pretrained_cfg mean and std.")
+    if weight_dtype is not None and x.dtype != weight_dtype and autocast_dtype(x.device.type) is None:
+        raise TypeError(
+            f'PerViT input is {x.dtype} but the model is {weight_dtype}: convert the input with x.to({weight_dtype}) '
+            f'(or the model with model.to({x.dtype}), or run under torch.autocast).')
 
 
 class ConvBnReLU(nn.Module):
@@ -109,6 +144,59 @@ class ConvBnReLU(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.act(self.bn(self.conv(x)))
+
+
+#: Forward pre-hooks whose effect is a function of the module's own parameters and buffers (pruning masks, the
+#: hook-based weight norm): the position cache can key on those tensors' values instead of bypassing itself.
+_PURE_PRE_HOOKS: Tuple[type, ...] = (prune.BasePruningMethod, WeightNorm)
+
+#: Module-level registries of hooks that run for every module (``torch.nn.modules.module.register_module_*_hook``).
+_GLOBAL_HOOK_REGISTRIES = (
+    '_global_forward_hooks', '_global_forward_pre_hooks', '_global_backward_hooks', '_global_backward_pre_hooks')
+
+
+def _has_hooks(module: nn.Module) -> bool:
+    """True when calling ``module`` runs hooks (its own), so its forward cannot be replaced by its formula."""
+    return bool(module._forward_hooks or module._forward_pre_hooks or module._backward_hooks
+                or module._backward_pre_hooks)
+
+
+def _global_hooks() -> bool:
+    """True when hooks registered for all modules exist: they must see the position modules being called."""
+    registry = torch.nn.modules.module
+    return any(getattr(registry, name, None) for name in _GLOBAL_HOOK_REGISTRIES)
+
+
+def _is_plain(module: nn.Module) -> bool:
+    """True for a module whose call is exactly its formula on its own parameters (no hooks, no parametrization)."""
+    return not (_has_hooks(module) or parametrize.is_parametrized(module))
+
+
+def _has_opaque_hooks(module: nn.Module) -> bool:
+    """True when ``module`` runs a hook whose effect is not a function of its parameters and buffers alone."""
+    if module._forward_hooks or module._backward_hooks or module._backward_pre_hooks:
+        return True
+    return any(not isinstance(hook, _PURE_PRE_HOOKS) for hook in module._forward_pre_hooks.values())
+
+
+def _graph_breaks_allowed() -> bool:
+    """While torch.compile traces: whether a graph break is allowed (False under ``fullgraph=True``).
+
+    Evaluated once per trace as a constant (``assume_constant_result``). Where torch does not expose the tracer this
+    way, it answers False, and the traced graph recomputes the position attention.
+    """
+    try:
+        from torch._dynamo.symbolic_convert import InstructionTranslator
+        tx = InstructionTranslator.current_tx()
+        return not (tx.one_graph or getattr(tx, 'error_on_graph_break', False))
+    except Exception:  # noqa: BLE001 - tracer internals differ across torch releases: fall back to no break
+        return False
+
+
+_assume_constant_result = getattr(torch.compiler, 'assume_constant_result', None) \
+    or torch._dynamo.assume_constant_result  # torch < 2.2
+_graph_breaks_allowed = _assume_constant_result(_graph_breaks_allowed)
+_compiler_disable = getattr(torch.compiler, 'disable', None) or torch._dynamo.disable
 
 
 class PositionConvNet(nn.Module):
@@ -137,30 +225,53 @@ class PositionConvNet(nn.Module):
         nn.init.constant_(self.norm2.weight, gate_scale)
         nn.init.constant_(self.norm2.bias, gate_bias)
 
-    def forward(self, dist: torch.Tensor, proj_weight: torch.Tensor, proj_bias: torch.Tensor) -> torch.Tensor:
+    def forward(
+            self,
+            x: torch.Tensor,
+            proj_weight: Optional[torch.Tensor] = None,
+            proj_bias: Optional[torch.Tensor] = None,
+    ) -> torch.Tensor:
         """Compute ``log(phi_p)``.
 
         Args:
-            dist: Query-to-key distances, (Nq, 1, h+4, w+4).
-            proj_weight: Weight of the shared ``Linear(1, 4H)`` distance projection, (4H, 1).
+            x: Query-to-key distances (Nq, 1, h+4, w+4) when the distance projection's weights are given (they are
+                folded into conv1), else the projected distance features (Nq, 4H, h+4, w+4).
+            proj_weight: Weight of the shared ``Linear(1, 4H)`` distance projection, (4H, 1), to fold into conv1.
             proj_bias: Its bias, (4H,).
 
         Returns:
             Log position attention, (Nq, H, h, w).
         """
-        # conv1(proj(d)) == conv(d, W . a) + (b1 + W . b): the shared 1 -> 4H projection folds exactly into conv1,
-        # so conv1 runs on the 1-channel distance map instead of the 4H-channel projection.
-        conv1_bias = self.conv1.bias
-        assert conv1_bias is not None
-        w = torch.einsum('oikl,i->okl', self.conv1.weight, proj_weight[:, 0]).unsqueeze(1)
-        b = conv1_bias + torch.einsum('oikl,i->o', self.conv1.weight, proj_bias)
-        x = F.conv2d(dist, w, b)
+        if proj_weight is not None and proj_bias is not None:
+            # conv1(proj(d)) == conv(d, W . a) + (b1 + W . b): the shared 1 -> 4H projection folds exactly into
+            # conv1, so conv1 runs on the 1-channel distance map instead of the 4H-channel projection
+            conv1_bias = self.conv1.bias
+            assert conv1_bias is not None
+            w = torch.einsum('oikl,i->okl', self.conv1.weight, proj_weight[:, 0]).unsqueeze(1)
+            b = conv1_bias + torch.einsum('oikl,i->o', self.conv1.weight, proj_bias)
+            x = F.conv2d(x, w, b)
+        else:
+            # called as a module: its hooks, pruning masks and parametrizations apply
+            x = self.conv1(x)
         x = F.relu(self.norm1(x))
         x = self.norm2(self.conv2(x))
         return F.logsigmoid(x)
 
 
-@register_notrace_module  # reason: caches on grid size and parameter state (Python control flow)
+class _CacheEntry(NamedTuple):
+    """The position attention of one grid, the position modules and copies of the values it was computed from."""
+    modules: Tuple[int, ...]
+    values: List[torch.Tensor]
+    tensors: List[torch.Tensor]
+    nbytes: int
+
+    def computed_from(self, modules: Tuple[int, ...], values: List[torch.Tensor]) -> bool:
+        """Whether the entry was computed from these modules and exactly these values."""
+        return self.modules == modules and len(self.values) == len(values) and all(
+            a.dtype == b.dtype and torch.equal(a, b) for a, b in zip(self.values, values))
+
+
+@register_notrace_module  # reason: caches on grid size and parameter values (Python control flow)
 class PeripheralPosition(nn.Module):
     """Peripheral position encoding: ``log(phi_p)`` of every block, shape (H, N, N) each, for an h x w token grid.
 
@@ -170,14 +281,23 @@ class PeripheralPosition(nn.Module):
     to the image: at 448 px a head covers the same fraction of the image as at 224 px (on a finer grid), and for a
     non-square input each axis is normalized on its own. At 224 px (14 x 14 tokens) this is the official encoding.
 
-    At inference (eval mode, or with gradients disabled) the result is cached per grid and reused; the cache key holds
-    the grid, device, dtype, autocast state and the identity and version counter of every parameter involved, so a
-    training step, ``load_state_dict``, ``.to()`` or any in-place edit triggers a recompute. In training with grad
-    enabled it is recomputed every call, with gradients. In eval mode the cached position attention is a constant:
-    gradients still reach the input and all other parameters, but not the position encoder (fine-tune it in train
-    mode). The cache is never saved in the state dict.
+    At inference (eval mode, or with gradients disabled) the result is cached per grid and reused. An entry is used
+    only when the values of the position parameters and buffers (and of every parametrized weight) equal, exactly,
+    those it was computed from, and the grid, device, dtype and autocast state match; so an optimizer step,
+    ``load_state_dict``, ``.to()``, an edit through ``.data``, a new pruning mask or a parametrization's state change
+    all trigger a recompute. The cache keeps at most ``cache_size`` grids and ``cache_bytes`` bytes, evicting the
+    least recently used grid (0 for either disables it); a grid larger than ``cache_bytes`` is recomputed on every
+    call. One model may serve many threads: a lock guards the cache's bookkeeping, never the computation.
+
+    Hooks, pruning and parametrizations on the position modules are honoured: the shared distance projection is
+    folded into a block's first conv only when neither carries any, else both run as modules. When a position module
+    has a hook other than a pruning mask or ``weight_norm``, the cache is bypassed so the hook sees every call.
+
+    In training with grad enabled it is recomputed every call, with gradients. In eval mode the cached position
+    attention is a constant: gradients still reach the input and all other parameters, but not the position encoder
+    (fine-tune it in train mode). The cache is never saved in the state dict, nor pickled or deep-copied.
     """
-    __jit_ignored_attributes__ = ['_cache']
+    __jit_ignored_attributes__ = ['_cache', '_cache_lock', '_warned_cache_bytes', '_state_plan']
 
     def __init__(
             self,
@@ -185,24 +305,56 @@ class PeripheralPosition(nn.Module):
             depth: int,
             eps: float = 1e-5,
             cache_size: int = 4,
+            cache_bytes: int = POS_CACHE_BYTES,
             device=None,
             dtype=None,
     ):
+        """
+        Args:
+            num_heads: Attention heads H.
+            depth: Number of blocks (one position conv network each).
+            eps: GroupNorm epsilon.
+            cache_size: Most token grids whose position attention is kept at inference (0 disables the cache).
+            cache_bytes: Most bytes the kept position attention may take (0 disables the cache).
+            device: Device of the parameters.
+            dtype: Dtype of the parameters.
+        """
         dd = {'device': device, 'dtype': dtype}
         super().__init__()
         self.num_heads = num_heads
         self.key_pad = _KEY_PAD
         self.cache_size = cache_size
+        self.cache_bytes = cache_bytes
         self.dist_proj = nn.Linear(1, 4 * num_heads, **dd)
         self.blocks = nn.ModuleList([PositionConvNet(num_heads, eps=eps, **dd) for _ in range(depth)])
-        self._cache: Dict[Any, List[torch.Tensor]] = {}
+        self._cache: 'OrderedDict[Tuple[Any, ...], _CacheEntry]' = OrderedDict()
+        self._cache_lock = threading.Lock()
+        self._warned_cache_bytes = False
+        self._state_plan: Optional[Tuple[Tuple[Any, ...], List[List[int]]]] = None
+
+    def __getstate__(self) -> Dict[str, Any]:
+        # a lock can be neither pickled nor deep-copied; the copy starts with an empty cache of its own
+        state = super().__getstate__()
+        state.pop('_cache_lock', None)
+        state['_cache'] = OrderedDict()
+        state['_state_plan'] = None
+        return state
+
+    def __setstate__(self, state: Dict[str, Any]) -> None:
+        super().__setstate__(state)
+        self._cache_lock = threading.Lock()
+        self.__dict__.setdefault('_cache', OrderedDict())
+        self.__dict__.setdefault('cache_bytes', POS_CACHE_BYTES)
+        self.__dict__.setdefault('_warned_cache_bytes', False)
+        self.__dict__.setdefault('_state_plan', None)
 
     def init_weights(self) -> None:
         """Peripheral initialization of the paper (block i of D: GN2 bias linspace(-5, 4), weight linspace(3, .01))."""
         nn.init.constant_(self.dist_proj.weight, -0.02)
         nn.init.zeros_(self.dist_proj.bias)
         depth = len(self.blocks)
-        biases = torch.linspace(-5., 4., depth, device='cpu').tolist()  # 'cpu': also under a meta device context
+        # plain numbers, computed on the CPU whatever the default device (a meta-device build has no values)
+        biases = torch.linspace(-5., 4., depth, device='cpu').tolist()
         scales = torch.linspace(3., 0.01, depth, device='cpu').tolist()
         for blk, bias, scale in zip(self.blocks, biases, scales):
             blk.init_weights(gate_bias=bias, gate_scale=scale)
@@ -230,50 +382,138 @@ class PeripheralPosition(nn.Module):
         dx = offsets[1][None, :, None, :]
         return torch.sqrt(dy * dy + dx * dx).flatten(0, 1).unsqueeze(1)
 
+    def project(self, dist: torch.Tensor) -> torch.Tensor:
+        """The shared distance projection as a module on a distance map: (Nq, 1, hk, wk) -> (Nq, 4H, hk, wk)."""
+        return self.dist_proj(dist.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+
+    @torch.jit.unused
+    def _foldable(self, index: int) -> bool:
+        """Whether block ``index`` may fold the distance projection into its first conv (nothing observes them)."""
+        return _is_plain(self.dist_proj) and _is_plain(self.blocks[index].conv1) and not _global_hooks()
+
     def compute(self, h: int, w: int, num_blocks: Optional[int] = None) -> List[torch.Tensor]:
         """Compute ``log(phi_p)`` for the first ``num_blocks`` blocks (all by default), without caching."""
         num_blocks = len(self.blocks) if num_blocks is None else num_blocks
         dist = self.distances(h, w)
+        feats: Optional[torch.Tensor] = None
         n = h * w
         out: List[torch.Tensor] = []
         for i, blk in enumerate(self.blocks):
             if i < num_blocks:  # no `break`: TorchScript unrolls ModuleList loops
-                y = blk(dist, self.dist_proj.weight, self.dist_proj.bias)  # (N, H, h, w): query, head, key grid
+                if torch.jit.is_scripting() or self._foldable(i):
+                    y = blk(dist, self.dist_proj.weight, self.dist_proj.bias)
+                else:
+                    if feats is None:
+                        feats = self.project(dist)
+                    y = blk(feats)
+                # (N, H, h, w): query, head, key grid
                 out.append(y.reshape(n, self.num_heads, n).transpose(0, 1))
         return out
 
     @torch.jit.unused
-    def _cache_key(self, h: int, w: int) -> Optional[Tuple[Any, ...]]:
-        state = []
-        for p in self.parameters():
-            if p.is_inference():
-                return None  # inference tensors carry no version counter: do not cache
-            state.append((id(p), p.data_ptr(), p._version))
-        weight = self.dist_proj.weight
-        autocast = autocast_dtype(weight.device.type)
-        # entries made under inference_mode are inference tensors: reuse them only there
-        return h, w, weight.device, weight.dtype, autocast, torch.is_inference_mode_enabled(), tuple(state)
+    def _state(self) -> Optional[Tuple[Tuple[int, ...], List[torch.Tensor]]]:
+        """What the position attention is a function of: the identity of the position modules and their values.
+
+        The values are every parameter and buffer of the position modules, plus the computed value of every
+        parametrized tensor (a parametrization may keep state in plain attributes). None when the result depends on
+        more than that (a hook other than pruning or weight norm) or when there are no values (meta device).
+        """
+        modules: List[int] = []
+        tensors: List[torch.Tensor] = []
+        stack = list(self._modules.values())
+        # a plain walk over the submodules: this runs on every cached call, and named_modules() builds name strings
+        while stack:
+            m = stack.pop()
+            if _has_opaque_hooks(m):
+                return None
+            modules.append(id(m))  # a replaced module (another padding, say) holding equal values is a change too
+            tensors += [t for t in m._parameters.values() if t is not None]
+            tensors += [t for t in m._buffers.values() if t is not None]
+            if isinstance(m._modules.get('parametrizations'), nn.ModuleDict) and parametrize.is_parametrized(m):
+                with torch.no_grad():
+                    tensors += [getattr(m, name) for name in m.parametrizations]
+            stack.extend(m._modules.values())
+        if not tensors or tensors[0].device.type == 'meta':
+            return None
+        # A few concatenations rather than one comparison per tensor (on CUDA each torch.equal synchronizes): the
+        # tensors are grouped by trailing shape, which only changes with the layout, so the grouping is reused
+        layout = tuple((t.dtype, t.shape) for t in tensors)
+        plan = self._state_plan
+        if plan is None or plan[0] != layout:
+            groups: Dict[Tuple[Any, ...], List[int]] = {}
+            for i, t in enumerate(tensors):
+                groups.setdefault((t.shape[1:], t.dtype, t.device), []).append(i)
+            plan = self._state_plan = (layout, list(groups.values()))
+        with torch.no_grad():
+            flat: Dict[Tuple[torch.dtype, torch.device], List[torch.Tensor]] = {}
+            for idx in plan[1]:
+                part = torch.cat([tensors[i] for i in idx]).reshape(-1)
+                flat.setdefault((part.dtype, part.device), []).append(part)
+            return tuple(modules), [torch.cat(parts) for parts in flat.values()]
 
     @torch.jit.unused
     def _cached(self, h: int, w: int, num_blocks: int) -> List[torch.Tensor]:
-        key = self._cache_key(h, w)
-        if key is None:
+        if self.cache_size <= 0 or self.cache_bytes <= 0:
             return self.compute(h, w, num_blocks)
-        hit = self._cache.get(key)
-        if hit is None:
-            with torch.no_grad():
-                hit = [t.contiguous() for t in self.compute(h, w)]
-            # drop entries computed from other parameter values (stale), then the oldest beyond the size
-            for stale in [k for k in self._cache if k[-1] != key[-1]]:
-                del self._cache[stale]
-            while self._cache and len(self._cache) >= self.cache_size:
-                del self._cache[next(iter(self._cache))]
-            self._cache[key] = hit
-        return hit[:num_blocks]
+        state = self._state()
+        if state is None:
+            return self.compute(h, w, num_blocks)
+        modules, values = state
+        device, dtype = values[0].device, values[0].dtype
+        key = (h, w, device, dtype, autocast_dtype(device.type))
+        with self._cache_lock:
+            entry = self._cache.get(key)
+            if entry is not None:
+                self._cache.move_to_end(key)
+        if entry is not None and entry.computed_from(modules, values):
+            return entry.tensors[:num_blocks]
+
+        # a miss: compute outside the lock (other threads go on; if two compute the same grid, the last one stays).
+        # Plain tensors even under inference_mode, so one entry also serves no_grad and eval-mode autograd. `values`
+        # were made by torch.cat: a copy, which later in-place edits of the parameters leave alone
+        with torch.inference_mode(False), torch.no_grad():
+            tensors = [t.contiguous() for t in self.compute(h, w)]
+        nbytes = sum(t.numel() * t.element_size() for t in tensors + values)
+        with self._cache_lock:
+            entries = list(self._cache.items())
+        stale = [(k, e) for k, e in entries if not e.computed_from(modules, values)]
+        with self._cache_lock:
+            for k, e in stale:  # computed from other modules or values: never usable again
+                if self._cache.get(k) is e:
+                    del self._cache[k]
+            if nbytes <= self.cache_bytes:
+                self._cache[key] = _CacheEntry(modules, values, tensors, nbytes)
+                self._cache.move_to_end(key)
+                while len(self._cache) > self.cache_size or self._cached_bytes() > self.cache_bytes:
+                    self._cache.popitem(last=False)  # least recently used first
+        if nbytes > self.cache_bytes and not self._warned_cache_bytes:
+            self._warned_cache_bytes = True
+            _logger.warning(
+                f'The position attention of a {h}x{w} token grid takes {nbytes / 2 ** 20:.0f} MiB, more than the '
+                f'cache bound of {self.cache_bytes / 2 ** 20:.0f} MiB: it is recomputed on every call. Create the '
+                f'model with a larger pos_cache_bytes to keep it.')
+        return tensors[:num_blocks]
+
+    @torch.jit.unused
+    @_compiler_disable
+    def _cached_outside_graph(self, h: int, w: int, num_blocks: int) -> List[torch.Tensor]:
+        """``_cached`` run eagerly from a compiled model: a graph break, and the graph takes the tensors as inputs."""
+        return self._cached(h, w, num_blocks)
+
+    def _cached_bytes(self) -> int:
+        return sum(e.nbytes for e in self._cache.values())
+
+    def cache_info(self) -> Dict[str, int]:
+        """Entries and bytes held by the inference cache, and its bounds."""
+        with self._cache_lock:
+            return dict(
+                entries=len(self._cache), bytes=self._cached_bytes(), max_entries=self.cache_size,
+                max_bytes=self.cache_bytes)
 
     def clear_cache(self) -> None:
         """Drop all cached position attention (it is rebuilt on demand)."""
-        self._cache.clear()
+        with self._cache_lock:
+            self._cache.clear()
 
     def forward(self, h: int, w: int, num_blocks: Optional[int] = None) -> List[torch.Tensor]:
         """Return ``log(phi_p)`` of the first ``num_blocks`` blocks for an h x w token grid, each (H, h*w, h*w)."""
@@ -283,9 +523,16 @@ class PeripheralPosition(nn.Module):
             # as in eager eval (built under no_grad for the cache), a constant; a mask requiring grad would also send
             # SDPA to another kernel in torch.onnx's decompositions than in the trace, breaking the traced reshapes
             return [t.detach() for t in self.compute(h, w, num_blocks)]
-        if is_compiling() or is_exporting() or (self.training and torch.is_grad_enabled()):
+        if is_exporting() or (self.training and torch.is_grad_enabled()):
             return self.compute(h, w, num_blocks)
-        return self._cached(h, w, len(self.blocks) if num_blocks is None else num_blocks)
+        num_blocks = len(self.blocks) if num_blocks is None else num_blocks
+        if is_compiling():
+            # torch.compile: the lookup runs outside the graph (a graph break), so a compiled model reuses the cache
+            # like an eager one; under fullgraph=True no break is possible and the graph recomputes it every call
+            if _graph_breaks_allowed():
+                return self._cached_outside_graph(h, w, num_blocks)
+            return self.compute(h, w, num_blocks)
+        return self._cached(h, w, num_blocks)
 
 
 class PeripheralAttention(nn.Module):
@@ -421,6 +668,7 @@ class PerViT(nn.Module):
             proj_drop_rate: float = 0.,
             drop_path_rate: float = 0.,
             pos_cache_size: int = 4,
+            pos_cache_bytes: int = POS_CACHE_BYTES,
             bn_momentum: Optional[float] = None,
             bn_eps: Optional[float] = None,
             act_layer: Type[nn.Module] = nn.GELU,
@@ -444,7 +692,10 @@ class PerViT(nn.Module):
             drop_rate: Dropout before the head.
             proj_drop_rate: Dropout after the attention projection and in the MLP.
             drop_path_rate: Stochastic depth rate, rising linearly from 0 over the blocks.
-            pos_cache_size: Number of token grids whose position attention is kept at inference.
+            pos_cache_size: Most token grids whose position attention is kept at inference (least recently used
+                goes first; 0 disables the cache).
+            pos_cache_bytes: Most bytes the kept position attention may take (0 disables the cache); one grid takes
+                depth x heads x (h*w)^2 values (pervit_tiny: 7.4 MB at 224 px, 118 MB at 448 px, in float32).
             bn_momentum: Momentum of the stem's BatchNorms (torch default 0.1 if None; train.py's --bn-momentum).
             bn_eps: Epsilon of the stem's BatchNorms (torch default 1e-5 if None; train.py's --bn-eps).
             act_layer: MLP activation.
@@ -482,7 +733,8 @@ class PerViT(nn.Module):
                 dims_in.append(dim)
                 dims_out.append(next_dim if j == d - 1 else dim)
         dpr = calculate_drop_path_rates(drop_path_rate, depth)
-        self.pos_attn = PeripheralPosition(num_heads, depth, eps=pos_norm_eps, cache_size=pos_cache_size, **dd)
+        self.pos_attn = PeripheralPosition(
+            num_heads, depth, eps=pos_norm_eps, cache_size=pos_cache_size, cache_bytes=pos_cache_bytes, **dd)
         self.blocks = nn.ModuleList([
             PerViTBlock(
                 dims_in[i],
@@ -565,7 +817,7 @@ class PerViT(nn.Module):
 
     def _stem(self, x: torch.Tensor) -> torch.Tensor:
         if not torch.jit.is_scripting():
-            check_image_batch(x, self.in_chans)
+            check_image_batch(x, self.in_chans, self.stem[0].conv.weight.dtype)
         if not self.training:
             # at inference the stem runs channels-last (faster on CPU, and its output is then already the NHWC token
             # grid). Not in training: torch's channels-last BatchNorm gathers batch statistics less precisely than the
@@ -767,7 +1019,8 @@ def _variant_hint(state_dict: Dict[str, torch.Tensor], model: 'PerViT') -> str:
 
 def _create_pervit(variant: str, pretrained: bool = False, **kwargs) -> PerViT:
     depths = kwargs.get('depths', (2, 2, 6, 2))
-    default_out = tuple(int(i) - 1 for i in torch.tensor(depths, device='cpu').cumsum(0).tolist())
+    # plain integers: with a meta default device (``with torch.device('meta')``) a tensor here would hold no values
+    default_out = tuple(end - 1 for end in itertools.accumulate(depths))
     out_indices = kwargs.pop('out_indices', default_out)
 
     def build() -> PerViT:
