@@ -24,9 +24,11 @@ an additive mask (``fused_attn``); the first, explicit form of the official code
 
 Beyond the official implementation, this one:
 * works at any input size >= 32 px per side: the position grid follows the token grid (see ``PeripheralPosition``);
-* caches the input-independent position attention at inference (keyed on grid, device, dtype and parameter
-  versions, so it can never be stale) and recomputes it with gradients in training;
-* folds the shared distance projection into the first position conv (exact, 4H times cheaper);
+* caches the input-independent position attention at inference (keyed on grid, device, dtype, autocast state and
+  the values of the position parameters, so it can never be stale; also reused by torch.compile'd models) and
+  recomputes it with gradients in training;
+* builds it through the key-query offset grid: the distance projection and the first position conv run once per
+  offset instead of once per query and key, the first GroupNorm's statistics come from integral images (exact);
 * implements the full timm model API (features, intermediates, grad checkpointing, layer-decay groups, ...).
 
 Written for timm by the timm-pervit authors from the paper and the facts of the official release. Apache-2.0.
@@ -450,9 +452,17 @@ class PeripheralPosition(nn.Module):
     least recently used grid (0 for either disables it); a grid larger than ``cache_bytes`` is recomputed on every
     call. One model may serve many threads: a lock guards the cache's bookkeeping, never the computation.
 
-    Hooks, pruning and parametrizations on the position modules are honoured: the shared distance projection is
-    folded into a block's first conv only when neither carries any, else both run as modules. When a position module
-    has a hook other than a pruning mask or ``weight_norm``, the cache is bypassed so the hook sees every call.
+    Under ``torch.compile`` the lookup runs outside the graph (one graph break; the graph takes the cached tensors as
+    inputs, so a hit neither rebuilds nor recompiles). With ``fullgraph=True`` no break is possible: the compiled
+    graph then recomputes the position attention on every call.
+
+    The build itself goes through the key-query offset grid (``PositionConvNet.forward_offsets``) when every position
+    module is a plain, stock layer in float32 or float64 without autocast: the same function, the per-query work
+    reduced to ReLU, conv2, GroupNorm-2 and the log-sigmoid. Hooks, pruning and parametrizations on the position
+    modules are honoured: then the modules run as such (the shared distance projection is folded into a block's first
+    conv only when neither carries any). When a position module has a hook other than a pruning mask or
+    ``weight_norm``, the cache is bypassed so the hook sees every call. Hooks registered for all modules
+    (``register_module_forward_hook``) make the modules run as such but leave the cache on.
 
     In training with grad enabled it is recomputed every call, with gradients. In eval mode the cached position
     attention is a constant: gradients still reach the input and all other parameters, but not the position encoder
