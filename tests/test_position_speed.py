@@ -64,3 +64,74 @@ def test_compiled_fullgraph_still_works():
     assert len(graphs) == 1
     for out in outs:
         torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-6)
+
+
+def _perturbed_micro(**kwargs):
+    model = make_micro(dtype=torch.float64, **kwargs).train()
+    with torch.no_grad():
+        for p in model.pos_attn.parameters():
+            p.add_(torch.randn_like(p) * 0.1)
+    return model
+
+
+@pytest.mark.parametrize('chunk_bytes', [1, 30000, None], ids=['row', 'rows', 'default'])
+@pytest.mark.parametrize('grid', [(3, 5), (6, 4), (2, 2)])
+def test_offset_grid_build_matches_the_reference_with_gradients(grid, chunk_bytes, monkeypatch):
+    """The training build through the key-query offset grid equals the unfolded official formulation.
+
+    Chunks of one row of queries, of two (an uneven last chunk for 3 rows), and the default (all rows at once here).
+    """
+    from timm_pervit.pervit import _PositionWindows
+    from timm_pervit.reference import official_position_attention
+    if chunk_bytes is not None:
+        monkeypatch.setattr(_PositionWindows, 'chunk_bytes', chunk_bytes)
+    h, w = grid
+    model = _perturbed_micro()
+    pos = model.pos_attn
+    assert pos._offsets_path(len(pos.blocks))  # the plain model takes the offset-grid path
+    fast = torch.stack(pos.compute(h, w))
+    cotangent = torch.randn_like(fast)
+    (fast * cotangent).sum().backward()
+    grads = {k: p.grad.clone() for k, p in pos.named_parameters()}
+    model.zero_grad()
+    ref = torch.stack(official_position_attention(model, h, w)).log()
+    (ref * cotangent).sum().backward()
+    torch.testing.assert_close(fast, ref, rtol=0, atol=1e-10)
+    for name, p in pos.named_parameters():
+        torch.testing.assert_close(grads[name], p.grad, rtol=1e-7, atol=1e-10, msg=lambda m: f'{name}: {m}')
+
+
+def test_training_step_same_with_and_without_the_offset_grid_path():
+    """A whole training step (loss, every gradient) is the same as through the plain modules (forced by a hook)."""
+    model = _perturbed_micro()
+    x = torch.randn(2, 3, 48, 80, dtype=torch.float64)
+    results = []
+    for force_modules in (False, True):
+        model.zero_grad()
+        handle = torch.nn.modules.module.register_module_forward_hook(lambda m, i, o: None) if force_modules \
+            else None
+        try:
+            assert model.pos_attn._offsets_path(len(model.blocks)) is not force_modules
+            out = model(x)
+            out.square().mean().backward()
+        finally:
+            if handle is not None:
+                handle.remove()
+        results.append((out.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}))
+    torch.testing.assert_close(results[0][0], results[1][0], rtol=0, atol=1e-12)
+    for name, grad in results[0][1].items():
+        torch.testing.assert_close(grad, results[1][1][name], rtol=1e-7, atol=1e-12, msg=lambda m: f'{name}: {m}')
+
+
+def test_offset_grid_build_at_inference_and_in_float32():
+    """Eval-mode builds (a cache miss) take the same path; float32 agrees with the float64 reference closely."""
+    from timm_pervit.reference import official_position_attention
+    model = _perturbed_micro().eval()
+    ref = torch.stack(official_position_attention(model, 4, 7)).log()
+    with torch.no_grad():
+        served = torch.stack(model.pos_attn(4, 7))
+    torch.testing.assert_close(served, ref, rtol=0, atol=1e-10)
+    model.float()
+    with torch.no_grad():
+        served32 = torch.stack(model.pos_attn(4, 7))
+    torch.testing.assert_close(served32.double(), ref, rtol=0, atol=1e-4)

@@ -24,9 +24,11 @@ an additive mask (``fused_attn``); the first, explicit form of the official code
 
 Beyond the official implementation, this one:
 * works at any input size >= 32 px per side: the position grid follows the token grid (see ``PeripheralPosition``);
-* caches the input-independent position attention at inference (keyed on grid, device, dtype and parameter
-  versions, so it can never be stale) and recomputes it with gradients in training;
-* folds the shared distance projection into the first position conv (exact, 4H times cheaper);
+* caches the input-independent position attention at inference (keyed on grid, device, dtype, autocast state and
+  the values of the position parameters, so it can never be stale; also reused by torch.compile'd models) and
+  recomputes it with gradients in training;
+* builds it through the key-query offset grid: the distance projection and the first position conv run once per
+  offset instead of once per query and key, the first GroupNorm's statistics come from integral images (exact);
 * implements the full timm model API (features, intermediates, grad checkpointing, layer-decay groups, ...).
 
 Written for timm by the timm-pervit authors from the paper and the facts of the official release. Apache-2.0.
@@ -199,6 +201,124 @@ _graph_breaks_allowed = _assume_constant_result(_graph_breaks_allowed)
 _compiler_disable = getattr(torch.compiler, 'disable', None) or torch._dynamo.disable
 
 
+def _box_sums(x: torch.Tensor, kh: int, kw: int) -> torch.Tensor:
+    """Sums of every kh x kw window of x (..., A, B) -> (..., A-kh+1, B-kw+1), from an integral image."""
+    c = F.pad(x.cumsum(-2).cumsum(-1), (1, 0, 1, 0))
+    return c[..., kh:, kw:] - c[..., :-kh, kw:] - c[..., kh:, :-kw] + c[..., :-kh, :-kw]
+
+
+def _windows(g: torch.Tensor, r0: int, rows: int, kh: int, kw: int) -> torch.Tensor:
+    """The windows of rows r0 .. r0+rows-1 of window starts: (rows, w, kh, kw, C), a view of g (2h+1, 2w+1, C)."""
+    return g[r0:r0 + rows + kh - 1].unfold(0, kh, 1).unfold(1, kw, 1).permute(0, 1, 3, 4, 2)
+
+
+def _affine_relu(x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
+    """relu(x * scale + shift) per window and channel: x (R, w, kh, kw, C), scale, shift (R, w, C); dense result."""
+    y = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    torch.addcmul(shift[:, :, None, None, :], x, scale[:, :, None, None, :], out=y)
+    return y.relu_()
+
+
+class _PositionWindows(torch.autograd.Function):
+    """The per-query part of a position block, a few rows of queries at a time (see ``forward_offsets``).
+
+    Input: conv1's output on the key-query offset grid, g (2h+1, 2w+1, C) channels-last, and the GroupNorm-1 affine
+    of every query's window folded into scale1 and shift1 (h, w, C), indexed by window start. Output: log(phi_p)
+    (H, N, N) = logsigmoid(GN2(conv2(relu(window * scale1 + shift1)))). The window of query (a, b) starts at
+    (h-1-a, w-1-b), so window starts run in reverse query order.
+
+    A chunk's intermediates (about ``chunk_bytes``) stay cache-sized and are recomputed in backward instead of
+    kept: only conv2's output (N x H x N) and GroupNorm-2's statistics are saved.
+    """
+
+    #: Bytes of one chunk's conv2 input (at least one row of queries).
+    chunk_bytes: int = 1 << 22
+
+    @staticmethod
+    def forward(
+            ctx: Any, g: torch.Tensor, scale1: torch.Tensor, shift1: torch.Tensor, weight2: torch.Tensor,
+            bias2: torch.Tensor, gamma2: torch.Tensor, beta2: torch.Tensor, eps2: float,
+    ) -> torch.Tensor:
+        h, w, c = scale1.shape
+        kh, kw, heads, n = h + 2, w + 2, weight2.shape[0], h * w
+        rows = max(1, _PositionWindows.chunk_bytes // (w * kh * kw * c * g.element_size()))
+        out = torch.empty(heads, h, w, n, dtype=g.dtype, device=g.device)
+        z_all = torch.empty(h * w, heads, h, w, dtype=g.dtype, device=g.device)
+        mean_all = torch.empty(h * w, heads, dtype=g.dtype, device=g.device)
+        rstd_all = torch.empty_like(mean_all)
+        for r0 in range(0, h, rows):
+            r1 = min(h, r0 + rows)
+            q = slice(r0 * w, r1 * w)
+            y = _affine_relu(_windows(g, r0, r1 - r0, kh, kw), scale1[r0:r1], shift1[r0:r1])
+            # channels-last input: the fast layout for a conv with this few channels; its output back to NCHW for
+            # GroupNorm-2 (the queries of the chunk are its batch)
+            z = F.conv2d(y.view(-1, kh, kw, c).permute(0, 3, 1, 2), weight2, bias2).contiguous()  # (Nc, H, h, w)
+            u, mean, rstd = torch.native_group_norm(z, gamma2, beta2, z.shape[0], heads, n, heads, eps2)
+            # back to query order: window-start row r is query row h-1-r, and the columns run reversed
+            out[:, h - r1:h - r0] = F.logsigmoid(u).view(r1 - r0, w, heads, n).flip(0, 1).permute(2, 0, 1, 3)
+            z_all[q] = z
+            mean_all[q] = mean
+            rstd_all[q] = rstd
+        ctx.save_for_backward(g, scale1, shift1, weight2, gamma2, beta2, z_all, mean_all, rstd_all)
+        ctx.eps2, ctx.rows = eps2, rows
+        return out.view(heads, n, n)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx: Any, grad_out: torch.Tensor) -> Tuple[Optional[torch.Tensor], ...]:
+        g, scale1, shift1, weight2, gamma2, beta2, z_all, mean_all, rstd_all = ctx.saved_tensors
+        eps2, rows = ctx.eps2, ctx.rows
+        need_g, need_scale, need_shift, need_w2, need_b2, need_gamma, need_beta, _ = ctx.needs_input_grad
+        need_y = need_g or need_scale or need_shift
+        h, w, c = scale1.shape
+        kh, kw, heads, n = h + 2, w + 2, weight2.shape[0], h * w
+        grad_out = grad_out.reshape(heads, h, w, n)
+        grad_g = torch.zeros_like(g) if need_g else None
+        grad_scale = torch.zeros_like(scale1) if need_scale else None
+        grad_shift = torch.zeros_like(shift1) if need_shift else None
+        grad_w2 = torch.zeros_like(weight2) if need_w2 else None
+        grad_b2 = torch.zeros(heads, dtype=weight2.dtype, device=weight2.device) if need_b2 else None
+        grad_gamma = torch.zeros_like(gamma2) if need_gamma else None
+        grad_beta = torch.zeros_like(beta2) if need_beta else None
+        for r0 in range(0, h, rows):
+            r1 = min(h, r0 + rows)
+            q = slice(r0 * w, r1 * w)
+            z, mean, rstd = z_all[q], mean_all[q], rstd_all[q]
+            u = torch.native_group_norm(z, gamma2, beta2, z.shape[0], heads, n, heads, eps2)[0]  # recomputed
+            # d logsigmoid(u) / du = sigmoid(-u)
+            du = grad_out[:, h - r1:h - r0].permute(1, 2, 0, 3).flip(0, 1).reshape(z.shape) * torch.sigmoid(-u)
+            dz, dgamma, dbeta = torch.ops.aten.native_group_norm_backward(
+                du, z, mean, rstd, gamma2, z.shape[0], heads, n, heads, [True, need_gamma, need_beta])
+            if grad_gamma is not None:
+                grad_gamma += dgamma
+            if grad_beta is not None:
+                grad_beta += dbeta
+            if not (need_y or need_w2 or need_b2):
+                continue
+            x = _windows(g, r0, r1 - r0, kh, kw)
+            y = _affine_relu(x, scale1[r0:r1], shift1[r0:r1])  # recomputed: cheaper than keeping it
+            dy, dw2, db2 = torch.ops.aten.convolution_backward(
+                dz, y.view(-1, kh, kw, c).permute(0, 3, 1, 2), weight2, [heads], [1, 1], [0, 0], [1, 1], False,
+                [0, 0], 1, [need_y, need_w2, need_b2])
+            if grad_w2 is not None:
+                grad_w2 += dw2
+            if grad_b2 is not None:
+                grad_b2 += db2
+            if not need_y:
+                continue
+            dpre = torch.ops.aten.threshold_backward(dy.permute(0, 2, 3, 1).view(y.shape), y, 0)
+            if grad_shift is not None:
+                grad_shift[r0:r1] = dpre.sum((2, 3))
+            if grad_scale is not None:
+                grad_scale[r0:r1] = (dpre * x).sum((2, 3))
+            if grad_g is not None:
+                dx = dpre.mul_(scale1[r0:r1, :, None, None, :]).permute(0, 1, 4, 2, 3)  # (R, w, C, kh, kw)
+                rows_in = r1 - r0 + kh - 1
+                dx = torch.ops.aten.unfold_backward(dx, [r1 - r0, g.shape[1], c, kh], 1, kw, 1)
+                grad_g[r0:r0 + rows_in] += torch.ops.aten.unfold_backward(dx, [rows_in, g.shape[1], c], 0, kh, 1)
+        return grad_g, grad_scale, grad_shift, grad_w2, grad_b2, grad_gamma, grad_beta, None
+
+
 class PositionConvNet(nn.Module):
     """The per-block conv network of the peripheral position encoding.
 
@@ -257,6 +377,49 @@ class PositionConvNet(nn.Module):
         x = self.norm2(self.conv2(x))
         return F.logsigmoid(x)
 
+    @torch.jit.unused
+    def forward_offsets(
+            self, offsets: torch.Tensor, h: int, w: int, proj_weight: torch.Tensor, proj_bias: torch.Tensor,
+    ) -> torch.Tensor:
+        """Compute ``log(phi_p)`` (H, h*w, h*w) from the distances of the key-query offset grid, (2h+3, 2w+3).
+
+        The same function as ``forward`` on every query's distance map, computed with its structure: the distance
+        from a query to a key depends only on their offset, so conv1 (with the distance projection folded in) runs
+        once on the offset grid and every query's (h+2)x(w+2) window of it is a slice; GroupNorm-1 (one channel per
+        group) takes each window's statistics from integral images. Only ReLU, conv2, GroupNorm-2 and the
+        log-sigmoid run per query, in ``_PositionWindows``. Plain modules only (no hooks, no parametrizations).
+        """
+        conv1_bias = self.conv1.bias
+        assert conv1_bias is not None
+        wf = torch.einsum('oikl,i->okl', self.conv1.weight, proj_weight[:, 0]).unsqueeze(1)
+        bf = conv1_bias + torch.einsum('oikl,i->o', self.conv1.weight, proj_bias)
+        g = F.conv2d(offsets[None, None], wf, bf)[0]  # (C, 2h+1, 2w+1)
+        kh, kw = h + 2, w + 2
+        # window statistics in float64: a variance from sums of squares would lose digits in float32
+        g64 = g.to(torch.float64 if g.device.type != 'mps' else torch.float32)
+        mean = _box_sums(g64, kh, kw) / (kh * kw)
+        var = (_box_sums(g64 * g64, kh, kw) / (kh * kw) - mean * mean).clamp_min(0)
+        scale1 = self.norm1.weight[:, None, None] * torch.rsqrt(var + self.norm1.eps).to(g.dtype)
+        shift1 = self.norm1.bias[:, None, None] - mean.to(g.dtype) * scale1
+        conv2_bias = self.conv2.bias
+        assert conv2_bias is not None
+        return _PositionWindows.apply(
+            g.permute(1, 2, 0).contiguous(), scale1.permute(1, 2, 0).contiguous(),
+            shift1.permute(1, 2, 0).contiguous(), self.conv2.weight, conv2_bias, self.norm2.weight, self.norm2.bias,
+            self.norm2.eps)
+
+    @torch.jit.unused
+    def supports_offsets(self) -> bool:
+        """Whether ``forward_offsets`` computes this block: the stock layers, with no hooks or parametrizations."""
+        c1, n1, c2, n2 = self.conv1, self.norm1, self.conv2, self.norm2
+        convs = all(
+            type(c) is nn.Conv2d and c.kernel_size == (3, 3) and c.stride == (1, 1) and c.padding == (0, 0)
+            and c.dilation == (1, 1) and c.groups == 1 and c.bias is not None and _is_plain(c) for c in (c1, c2))
+        norms = all(
+            type(m) is nn.GroupNorm and m.num_groups == m.num_channels and m.affine and _is_plain(m)
+            for m in (n1, n2))
+        return convs and norms and _is_plain(self)
+
 
 class _CacheEntry(NamedTuple):
     """The position attention of one grid, the position modules and copies of the values it was computed from."""
@@ -289,9 +452,17 @@ class PeripheralPosition(nn.Module):
     least recently used grid (0 for either disables it); a grid larger than ``cache_bytes`` is recomputed on every
     call. One model may serve many threads: a lock guards the cache's bookkeeping, never the computation.
 
-    Hooks, pruning and parametrizations on the position modules are honoured: the shared distance projection is
-    folded into a block's first conv only when neither carries any, else both run as modules. When a position module
-    has a hook other than a pruning mask or ``weight_norm``, the cache is bypassed so the hook sees every call.
+    Under ``torch.compile`` the lookup runs outside the graph (one graph break; the graph takes the cached tensors as
+    inputs, so a hit neither rebuilds nor recompiles). With ``fullgraph=True`` no break is possible: the compiled
+    graph then recomputes the position attention on every call.
+
+    The build itself goes through the key-query offset grid (``PositionConvNet.forward_offsets``) when every position
+    module is a plain, stock layer in float32 or float64 without autocast: the same function, the per-query work
+    reduced to ReLU, conv2, GroupNorm-2 and the log-sigmoid. Hooks, pruning and parametrizations on the position
+    modules are honoured: then the modules run as such (the shared distance projection is folded into a block's first
+    conv only when neither carries any). When a position module has a hook other than a pruning mask or
+    ``weight_norm``, the cache is bypassed so the hook sees every call. Hooks registered for all modules
+    (``register_module_forward_hook``) make the modules run as such but leave the cache on.
 
     In training with grad enabled it is recomputed every call, with gradients. In eval mode the cached position
     attention is a constant: gradients still reach the input and all other parameters, but not the position encoder
@@ -382,6 +553,38 @@ class PeripheralPosition(nn.Module):
         dx = offsets[1][None, :, None, :]
         return torch.sqrt(dy * dy + dx * dx).flatten(0, 1).unsqueeze(1)
 
+    def offset_distances(self, h: int, w: int) -> torch.Tensor:
+        """Distance of every key-query offset, (2h+3, 2w+3): entry (h+1+i, w+1+j) for i rows and j columns apart.
+
+        The query-to-key distances of ``distances`` depend only on the offset (the grid is evenly spaced), so every
+        query's (h+4)x(w+4) distance map is a window of this grid.
+        """
+        weight = self.dist_proj.weight
+        dd = {'device': weight.device, 'dtype': weight.dtype}
+        dy = torch.arange(-(h + 1), h + 2, **dd) * (2. / (h - 1))
+        dx = torch.arange(-(w + 1), w + 2, **dd) * (2. / (w - 1))
+        return torch.sqrt(dy[:, None] * dy[:, None] + dx[None, :] * dx[None, :])
+
+    @torch.jit.unused
+    def _offsets_path(self, num_blocks: int) -> bool:
+        """Whether ``compute`` may take the offset-grid formulation (``PositionConvNet.forward_offsets``)."""
+        weight = self.dist_proj.weight
+        if is_compiling() or is_exporting() or weight.dtype not in (torch.float32, torch.float64):
+            return False  # traced graphs keep the formulation of distances(); low precision keeps its norm kernels
+        if autocast_dtype(weight.device.type) is not None or _global_hooks():
+            return False
+        proj = self.dist_proj
+        if not (type(proj) is nn.Linear and proj.in_features == 1 and proj.bias is not None and _is_plain(proj)):
+            return False
+        return all(blk.supports_offsets() for blk in self.blocks[:num_blocks])
+
+    @torch.jit.unused
+    def _compute_offsets(self, h: int, w: int, num_blocks: int) -> List[torch.Tensor]:
+        """``compute`` through the offset grid: the same function, with the work shared across queries."""
+        offsets = self.offset_distances(h, w)
+        weight, bias = self.dist_proj.weight, self.dist_proj.bias
+        return [blk.forward_offsets(offsets, h, w, weight, bias) for blk in self.blocks[:num_blocks]]
+
     def project(self, dist: torch.Tensor) -> torch.Tensor:
         """The shared distance projection as a module on a distance map: (Nq, 1, hk, wk) -> (Nq, 4H, hk, wk)."""
         return self.dist_proj(dist.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
@@ -394,6 +597,8 @@ class PeripheralPosition(nn.Module):
     def compute(self, h: int, w: int, num_blocks: Optional[int] = None) -> List[torch.Tensor]:
         """Compute ``log(phi_p)`` for the first ``num_blocks`` blocks (all by default), without caching."""
         num_blocks = len(self.blocks) if num_blocks is None else num_blocks
+        if not torch.jit.is_scripting() and self._offsets_path(num_blocks):
+            return self._compute_offsets(h, w, num_blocks)
         dist = self.distances(h, w)
         feats: Optional[torch.Tensor] = None
         n = h * w
