@@ -68,7 +68,8 @@ def test_converted_folder(pervit_hub_root, pervit_tiny_official):
     assert '@inproceedings{min2022peripheral' in card
 
 
-def test_malicious_pickle_is_refused(tmp_path):
+def _malicious_checkpoint(tmp_path):
+    """A .pth whose unpickling would write a marker file: (path, marker)."""
     marker = tmp_path / 'pwned'
 
     class Payload:
@@ -77,6 +78,11 @@ def test_malicious_pickle_is_refused(tmp_path):
 
     evil = tmp_path / 'evil.pth'
     torch.save({'model': {'head.weight': torch.zeros(2, 2)}, 'args': Payload()}, evil)
+    return evil, marker
+
+
+def test_malicious_pickle_is_refused(tmp_path):
+    evil, marker = _malicious_checkpoint(tmp_path)
     with pytest.raises(ValueError, match='Refused to load'):
         load_checkpoint(evil)
     assert main([str(evil), '-o', str(tmp_path / 'out'), '-q']) == 1
@@ -93,14 +99,7 @@ def test_file_overlay_is_read_safely_where_timm_would_unpickle(tmp_path, monkeyp
     """On timm releases whose file loading is not weights_only, the package reads the file itself, safely."""
     import timm_pervit._compat
     monkeypatch.setattr(timm_pervit._compat, 'timm_loads_files_weights_only', lambda: False)
-    marker = tmp_path / 'pwned'
-
-    class Payload:
-        def __reduce__(self):
-            return exec, (f'open({str(marker)!r}, "w").write("owned")',)
-
-    evil = tmp_path / 'evil.pth'
-    torch.save({'model': {'head.weight': torch.zeros(2, 2)}, 'args': Payload()}, evil)
+    evil, marker = _malicious_checkpoint(tmp_path)
     with pytest.raises(ValueError, match='Refused to load'):
         timm.create_model('pervit_tiny', pretrained=True, pretrained_cfg_overlay=dict(file=str(evil)))
     assert not marker.exists()
