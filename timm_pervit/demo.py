@@ -394,6 +394,7 @@ def run_demo(
     module's logger; the CLI prints them).
     """
     import timm
+    from ._compat import create_model_from_folder, save_for_hf
     from .pervit import PERVIT_VARIANTS
     from .visualize import _require_matplotlib, non_locality, token_grid, visualize_model
 
@@ -414,7 +415,7 @@ def run_demo(
     if checkpoint is None:
         model = timm.create_model(model_name, num_classes=NUM_CLASSES, **(model_kwargs or {}))
     else:
-        model = timm.create_model(f'local-dir:{checkpoint}', pretrained=True)
+        model = create_model_from_folder(checkpoint)
     if threads is None:
         timings = choose_threads(model, img_size)
         log(f'threads: {torch.get_num_threads()} (a forward took ' + ', '.join(
@@ -452,8 +453,8 @@ def run_demo(
         summary['train']['first_step_losses'] = hist['step_losses'][:5]
         summary['train']['last_step_losses'] = hist['step_losses'][-5:]
         folder = out / f'{model_name}_digits'
-        timm.models.save_for_hf(
-            model, folder, safe_serialization=True,
+        save_for_hf(
+            model, folder, model_args=model_kwargs,
             model_config=dict(
                 label_names=[str(i) for i in range(NUM_CLASSES)],
                 pretrained_cfg=dict(
@@ -482,7 +483,7 @@ def run_demo(
 
     # reload through timm's pretrained path (and torch.hub when the repo is here): the same predictions
     reloads = {}
-    reloaded = timm.create_model(f'local-dir:{folder}', pretrained=True)
+    reloaded = create_model_from_folder(folder)
     reloads['timm local-dir'] = evaluate(reloaded, x_test)
     repo = _repo_root()
     if repo is not None:
