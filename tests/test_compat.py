@@ -17,7 +17,7 @@ import torch.nn.functional as F
 
 from timm_pervit import _attention, _compat
 
-from .conftest import make_micro
+from .conftest import MICRO_KWARGS, make_micro
 
 
 def _version(v: str):
@@ -151,10 +151,10 @@ def test_build_mlp_without_factory_kwargs():
 
 
 def test_local_dir_support_flag():
-    """``local-dir:`` model names exist from timm 1.0.16 on; the hint of a failed pretrained load names them only
-    where they work."""
+    """``local-dir:`` loads a safetensors folder from timm 1.0.26 on (the prefix exists from 1.0.16, but reads
+    model.safetensors with torch.load before 1.0.26); the hint of a failed pretrained load names it only there."""
     from timm_pervit.hub import _how_to_convert
-    assert _compat.HAS_LOCAL_DIR == (_version(timm.__version__) >= (1, 0, 16))
+    assert _compat.HAS_LOCAL_DIR == (_version(timm.__version__) >= (1, 0, 26))
     assert ("'local-dir:pervit_tiny.in1k'" in _how_to_convert('pervit_tiny')) == _compat.HAS_LOCAL_DIR
 
 
@@ -262,3 +262,33 @@ def test_create_under_meta_device_context():
     assert [i['module'] for i in model.feature_info][-1] == 'blocks.11'
     assert model.blocks[-1].drop_path1.drop_prob == pytest.approx(0.1)
     assert model(torch.randn(1, 3, 64, 64, device='meta')).shape == (1, 1000)
+
+
+# ---- hub-ready folders (save_for_hf / local-dir:) ------------------------------------------------------------------
+
+@pytest.mark.parametrize('local_dir', [True, False], ids=['installed_timm', 'timm_lt_1_0_26_fallback'])
+def test_folder_round_trip(tmp_path, monkeypatch, local_dir):
+    """A micro model saved with its data config and a pretrained-config update reloads with the same architecture,
+    weights, outputs and configs: timm 1.0.31's save_for_hf / local-dir:, or the steps that stand in for them."""
+    if not local_dir:
+        monkeypatch.setattr(_compat, 'HAS_LOCAL_DIR', False)
+    model = timm.create_model('pervit_tiny', **MICRO_KWARGS).eval()
+    model_args = {k: v for k, v in MICRO_KWARGS.items() if k != 'num_classes'}
+    data_config = dict(input_size=(3, 48, 48), mean=(0.5,) * 3, std=(0.25,) * 3, crop_pct=1.0, interpolation='bilinear')
+    _compat.save_for_hf(model, tmp_path, model_args=model_args, data_config=data_config,
+                        model_config=dict(pretrained_cfg=dict(tag='micro', notes=('a test',))))
+    assert (tmp_path / 'model.safetensors').is_file()
+    reloaded = _compat.create_model_from_folder(tmp_path).eval()
+    assert reloaded.num_classes == 10 and reloaded.num_heads == MICRO_KWARGS['num_heads']
+    for (name, a), b in zip(model.state_dict().items(), reloaded.state_dict().values()):
+        assert torch.equal(a, b), name
+    cfg = reloaded.pretrained_cfg
+    assert tuple(cfg['input_size']) == (3, 48, 48) and tuple(cfg['mean']) == (0.5,) * 3
+    assert cfg['crop_pct'] == 1.0 and cfg['interpolation'] == 'bilinear' and cfg['num_classes'] == 10
+    assert cfg['tag'] == 'micro' and list(cfg['notes']) == ['a test'] and cfg['first_conv'] == 'stem.0.conv'
+    x = torch.randn(2, 3, 48, 48)
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(x), model(x), rtol=0, atol=0)
+    headless = _compat.create_model_from_folder(tmp_path, num_classes=0)  # kwargs win, as with local-dir:
+    assert headless.num_classes == 0
+    assert headless.blocks[0].attn.qkv.weight.shape == model.blocks[0].attn.qkv.weight.shape

@@ -32,11 +32,12 @@ def _free_port() -> int:
 
 
 def _image_folder(root: Path) -> Path:
+    # 258 images: timm < 1.0.31's RepeatAugSampler (--aug-repeats) selects no sample at all from fewer than 256
     rng = np.random.default_rng(0)
     for c in range(3):
         folder = root / 'train' / f'class{c}'
         folder.mkdir(parents=True)
-        for i in range(8):
+        for i in range(86):
             img = rng.integers(0, 90, (48, 48, 3))
             img[..., c] += 140
             Image.fromarray(img.astype(np.uint8)).save(folder / f'{i}.png')

@@ -9,6 +9,7 @@ import pytest
 import timm
 import torch
 
+from timm_pervit._compat import create_model_from_folder
 from timm_pervit.demo import (
     NUM_CLASSES, choose_threads, evaluate, family_table, load_digits_split, main, run_demo, train)
 
@@ -91,7 +92,7 @@ def test_reloaded_model_predicts_identically(demo_run):
     for how, r in summary['reload'].items():
         assert r['identical_predictions'] and r['accuracy'] == summary['accuracy'], how
     # independently of the demo's own check: timm's pretrained path gives the accuracy the demo reported
-    model = timm.create_model(f'local-dir:{folder}', pretrained=True)
+    model = create_model_from_folder(folder)
     _, _, x_test, y_test, _ = load_digits_split(img_size=32, seed=0)
     acc = (evaluate(model, x_test).argmax(-1) == y_test).float().mean().item()
     assert acc == summary['accuracy']

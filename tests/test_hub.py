@@ -125,7 +125,8 @@ def test_hf_hub_prefix_and_local_dir(pervit_loopback_hub, pervit_hf_env, pervit_
     assert f'/{REPO}/resolve/main/config.json' in requested  # the architecture comes from the hub's config.json
 
     if not HAS_LOCAL_DIR:
-        pytest.skip(f'timm {timm.__version__} has no local-dir: model names (they came in timm 1.0.16)')
+        pytest.skip(f'timm {timm.__version__} cannot load a local-dir: folder of safetensors weights (the prefix came '
+                    f'in timm 1.0.16, reading model.safetensors from it in 1.0.26)')
     model = timm.create_model(f'local-dir:{pervit_hub_root[0] / REPO}', pretrained=True)
     _assert_weights_equal(model.state_dict(), pervit_tiny_official.source_state_dict)
 

@@ -4,23 +4,30 @@ The package supports timm >= 1.0.9, torch >= 2.1 and huggingface_hub >= 0.23 (se
 helper exists in the installed version it is used as is; where it is missing, a small equivalent stands in. Each
 fallback names the release that introduced the real one, so it can be dropped when the floor moves past it.
 """
+import dataclasses
 import inspect
+import json
+import os
 import pickle
+import re
 import types
 import warnings
-from typing import Any, Callable, Dict, List, Optional, Sequence
+from pathlib import Path
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.fx._symbolic_trace as _fx_trace
 import torch.nn as nn
 import torch.onnx
 
+import timm
 import timm.layers
+from timm.models._pretrained import PretrainedCfg
 
 __all__ = [
     'calculate_drop_path_rates', 'get_device_dtype', 'is_compiling', 'is_fx_tracing', 'is_exporting',
     'autocast_dtype', 'checkpoint', 'build_mlp', 'safe_globals', 'HAS_SAFE_GLOBALS', 'timm_loads_files_weights_only',
-    'torch_load_weights_only', 'HAS_LOCAL_DIR',
+    'torch_load_weights_only', 'HAS_LOCAL_DIR', 'create_model_from_folder',
 ]
 
 
@@ -32,16 +39,37 @@ def calculate_drop_path_rates(drop_path_rate: float, depth: int) -> List[float]:
     return [x.item() for x in torch.linspace(0, drop_path_rate, depth, device='cpu')] if depth > 1 else [0.] * depth
 
 
-def _timm_has_local_dir() -> bool:
-    try:
-        from timm.models._factory import parse_model_name
-        return parse_model_name('local-dir:probe')[0] == 'local-dir'
-    except Exception:  # timm < 1.0.16 rejects the prefix (AssertionError)
-        return False
+def _release(version: str) -> Tuple[int, ...]:
+    """(major, minor, patch) of a version string such as '1.0.29.dev0' or '2.1.2+cu121'."""
+    return tuple(int(x) for x in re.findall(r'\d+', version.split('+')[0])[:3])
 
 
-#: timm >= 1.0.16 creates models from a folder: ``timm.create_model('local-dir:<folder>', pretrained=True)``.
-HAS_LOCAL_DIR = _timm_has_local_dir()
+#: timm >= 1.0.26 loads pretrained weights from a folder: ``timm.create_model('local-dir:<folder>', pretrained=True)``.
+#: The prefix exists from timm 1.0.16, but up to 1.0.25 it reads ``model.safetensors`` with ``torch.load`` and fails.
+HAS_LOCAL_DIR = _release(timm.__version__) >= (1, 0, 26)
+
+
+def create_model_from_folder(folder: Union[str, os.PathLike], **kwargs: Any) -> nn.Module:
+    """``timm.create_model(f'local-dir:{folder}', pretrained=True, **kwargs)`` on every timm.
+
+    ``folder`` is written by timm's ``save_for_hf`` (``config.json`` and ``model.safetensors`` or
+    ``pytorch_model.bin``). Where ``local-dir:`` does not work (``HAS_LOCAL_DIR``), the same steps run here: the
+    architecture, model arguments and pretrained config come from ``config.json``, and the weights go through timm's
+    pretrained path as ``pretrained_cfg['file']`` (so ``checkpoint_filter_fn`` and the head / input adaptation apply).
+    """
+    if HAS_LOCAL_DIR:
+        return timm.create_model(f'local-dir:{folder}', pretrained=True, **kwargs)
+    folder = Path(folder)
+    config = json.loads((folder / 'config.json').read_text())
+    weights = [folder / name for name in ('model.safetensors', 'pytorch_model.bin') if (folder / name).is_file()]
+    if not weights:
+        raise FileNotFoundError(f'{folder} holds no model.safetensors or pytorch_model.bin')
+    fields = {f.name for f in dataclasses.fields(PretrainedCfg)}
+    pretrained_cfg = {k: v for k, v in config.get('pretrained_cfg', {}).items() if k in fields}
+    pretrained_cfg['file'] = str(weights[0])
+    pretrained_cfg['num_classes'] = config.get('num_classes', pretrained_cfg.get('num_classes'))
+    model_args = dict(config.get('model_args', {}), **kwargs)
+    return timm.create_model(config['architecture'], pretrained=True, pretrained_cfg=pretrained_cfg, **model_args)
 
 
 def get_device_dtype(module: nn.Module) -> Dict[str, Any]:

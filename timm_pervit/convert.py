@@ -129,7 +129,7 @@ def verify_folder(
     """Max abs logit difference between a converted folder (loaded by timm, fused attention) and the original
     checkpoint run through the official formula, on seeded random images."""
     x = torch.randn(batch_size, 3, img_size, img_size, generator=torch.Generator().manual_seed(seed))
-    # timm's pretrained path with the written files (what `local-dir:` does on timm >= 1.0.16, on every timm)
+    # timm's pretrained path with the written files (what `local-dir:` does on timm >= 1.0.26, on every timm)
     config = json.loads((Path(folder) / 'config.json').read_text())
     model = timm.create_model(
         config['architecture'], pretrained=True, num_classes=config['num_classes'],

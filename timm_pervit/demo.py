@@ -29,6 +29,8 @@ from typing import Any, Callable, Dict, List, NamedTuple, Optional, Tuple
 import torch
 import torch.nn.functional as F
 
+from ._compat import create_model_from_folder
+
 __all__ = ['load_digits_split', 'family_table', 'choose_threads', 'train', 'evaluate', 'run_demo', 'main']
 
 _logger = logging.getLogger(__name__)
@@ -565,7 +567,7 @@ def _check_reloads(
     import timm
 
     reloads = {}
-    reloaded = timm.create_model(f'local-dir:{folder}', pretrained=True)
+    reloaded = create_model_from_folder(folder)
     reloads['timm local-dir'] = evaluate(reloaded, x_test)
     repo = _repo_root()
     if repo is not None:
@@ -672,7 +674,7 @@ def run_demo(
     if checkpoint is None:
         model = timm.create_model(model_name, num_classes=NUM_CLASSES, **(model_kwargs or {}))
     else:
-        model = timm.create_model(f'local-dir:{checkpoint}', pretrained=True)
+        model = create_model_from_folder(checkpoint)
     summary['threads'] = _set_threads(model, img_size, threads, log)
     if table:
         summary['family'] = _log_family_table(table_img_size, log)

@@ -311,6 +311,7 @@ def load_model(
         The model, in eval mode. Without checkpoint or hub id: the peripheral initialization.
     """
     import timm
+    from ._compat import create_model_from_folder
     from .pervit import PERVIT_VARIANTS  # registers the models
 
     if checkpoint is not None and hub_id is not None:
@@ -333,7 +334,7 @@ def load_model(
                 raise FileNotFoundError(
                     f'checkpoint folder {str(path)!r} has no config.json: pass a folder written by '
                     f'timm.models.save_for_hf, or the weights file itself')
-            return timm.create_model(f'local-dir:{path}', pretrained=True, **kwargs).eval()
+            return create_model_from_folder(path, **kwargs).eval()
     if model_name not in PERVIT_VARIANTS:
         raise ValueError(
             f'unknown model {model_name!r}: choose one of {", ".join(PERVIT_VARIANTS)} (or pass a checkpoint folder)')
