@@ -268,6 +268,7 @@ def test_create_under_meta_device_context():
 
 @pytest.mark.parametrize('local_dir', [True, False], ids=['installed_timm', 'timm_lt_1_0_26_fallback'])
 def test_folder_round_trip(tmp_path, monkeypatch, local_dir):
+    from timm_pervit.model_card import save_for_hf
     """A micro model saved with its data config and a pretrained-config update reloads with the same architecture,
     weights, outputs and configs: timm 1.0.31's save_for_hf / local-dir:, or the steps that stand in for them."""
     if not local_dir:
@@ -275,8 +276,8 @@ def test_folder_round_trip(tmp_path, monkeypatch, local_dir):
     model = timm.create_model('pervit_tiny', **MICRO_KWARGS).eval()
     model_args = {k: v for k, v in MICRO_KWARGS.items() if k != 'num_classes'}
     data_config = dict(input_size=(3, 48, 48), mean=(0.5,) * 3, std=(0.25,) * 3, crop_pct=1.0, interpolation='bilinear')
-    _compat.save_for_hf(model, tmp_path, model_args=model_args, data_config=data_config,
-                        model_config=dict(pretrained_cfg=dict(tag='micro', notes=('a test',))))
+    save_for_hf(model, tmp_path, description='a micro test model', tag='micro', notes=('a test',),
+                data_config=data_config, model_args=model_args)
     assert (tmp_path / 'model.safetensors').is_file()
     reloaded = _compat.create_model_from_folder(tmp_path).eval()
     assert reloaded.num_classes == 10 and reloaded.num_heads == MICRO_KWARGS['num_heads']
