@@ -26,6 +26,8 @@ from timm.optim import create_optimizer_v2
 from timm.utils import distribute_bn, init_distributed_device
 from torch.nn.parallel import DistributedDataParallel
 
+from timm_pervit.recipes import augmentation_problem
+
 def fresh_eval(model: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
     ref = copy.deepcopy(model).eval()
     ref.pos_attn.clear_cache()
@@ -65,8 +67,10 @@ def main() -> None:
     report['start_matches_fresh'] = torch.allclose(out_start, fresh_eval(model, x_eval), rtol=1e-5, atol=1e-6)
 
     dataset = create_dataset('', root=args.data, split='train', is_training=True)
+    # the recipe's RandAugment, or the one the recipe command advises where timm + Pillow 13 crash on it
+    aa = 'rand-m9-mstd0.5-inc1' if augmentation_problem() is None else 'rand-m9-mstd0.5'
     loader = create_loader(
-        dataset, input_size=(3, 48, 48), batch_size=4, is_training=True, auto_augment='rand-m9-mstd0.5-inc1',
+        dataset, input_size=(3, 48, 48), batch_size=4, is_training=True, auto_augment=aa,
         re_prob=0.25, re_mode='pixel', interpolation='bicubic', num_aug_repeats=3, distributed=True,
         num_workers=0, device=device, use_prefetcher=False, persistent_workers=False)  # timm < 1.0.29: True
     report['sampler'] = type(loader.sampler).__name__

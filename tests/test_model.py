@@ -1,5 +1,6 @@
 """The PerViT variants as timm models: registration, configs, sizes, and the checks timm applies to its own models."""
 import math
+import re
 
 import pytest
 import timm
@@ -33,6 +34,10 @@ def test_variant_param_count_and_gmacs(name):
     model = timm.create_model(name).eval()
     assert sum(p.numel() for p in model.parameters()) == PARAMS[name]
     assert round(count_gmacs(model, (3, 224, 224)), 3) == GMACS[name]
+    # shapes only (the converter counts this way): no cached position attention, and it must not be counted either
+    with torch.device('meta'):
+        shapes_only = timm.create_model(name)
+    assert round(count_gmacs(shapes_only, (3, 224, 224)), 3) == GMACS[name]
 
 
 def test_gmacs_count_the_attention_matmuls():
@@ -99,9 +104,18 @@ def test_model_backward(name):
     model = timm.create_model(name, num_classes=42).train()
     out = model(torch.randn(2, 3, 128, 128))
     out.mean().backward()
-    bad = [n for n, p in model.named_parameters()
-           if p.grad is None or not torch.isfinite(p.grad).all() or not p.grad.any()]
-    assert not bad, f'missing, zero or non-finite gradients: {bad}'
+    # a per-channel bias ahead of a per-channel GroupNorm is subtracted out again: its gradient is zero in exact
+    # arithmetic, so only rounding noise (or an exact zero) reaches it. Those are held to "tiny", the rest to "nonzero"
+    normalized_away = re.compile(r'pos_attn\.(dist_proj\.bias|blocks\.\d+\.conv[12]\.bias)$')
+    grads = {n: p.grad for n, p in model.named_parameters()}
+    bad = [n for n, g in grads.items() if g is None or not torch.isfinite(g).all()]
+    assert not bad, f'missing or non-finite gradients: {bad}'
+    zero = [n for n, g in grads.items() if not normalized_away.match(n) and not g.any()]
+    assert not zero, f'zero gradients: {zero}'
+    largest = max(g.abs().max().item() for g in grads.values())
+    noise = {n: g.abs().max().item() for n, g in grads.items() if normalized_away.match(n)}
+    assert len(noise) == 2 * len(model.pos_attn.blocks) + 1
+    assert max(noise.values()) < 1e-5 * largest, noise
     assert out.shape[-1] == 42
 
 

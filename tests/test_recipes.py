@@ -161,3 +161,30 @@ def test_recipe_cli_subprocess(tmp_path):
         cwd=tmp_path, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip() == str(recipe_path('pervit_tiny'))
+
+
+def test_recipe_cli_warns_when_the_recipe_augmentation_would_crash(capsys):
+    """Pillow 13 rejects the 0-bit posterize that timm's ``inc1`` RandAugment reaches at magnitude 10: the recipe
+    command says so (on stderr, naming the fix) exactly when the installed timm + Pillow pair fails that way."""
+    from PIL import Image
+    from timm.data import auto_augment
+    from timm_pervit.recipes import augmentation_problem
+    op = auto_augment.AugmentOp('PosterizeIncreasing', prob=1.0, magnitude=10)  # what the recipe reaches, clipped
+    image = Image.new('RGB', (8, 8), (200, 100, 50))
+    try:
+        op(image)
+        crashes = False
+    except ValueError:
+        crashes = True
+    problem = augmentation_problem()
+    assert (problem is not None) == crashes
+    assert recipe_main(['pervit_tiny', '--path']) == 0
+    captured = capsys.readouterr()
+    assert captured.out.strip() == str(recipe_path('pervit_tiny'))  # $(... --path) stays usable either way
+    if crashes:
+        assert 'pillow<13' in captured.err and '--aa rand-m9-mstd0.5' in captured.err
+        # the suggested augmentation does not reach the failing posterize
+        safe = auto_augment.AugmentOp('Posterize', prob=1.0, magnitude=10)
+        safe(image)
+    else:
+        assert 'warning' not in captured.err

@@ -403,3 +403,35 @@ def test_numpy_and_empty_inputs_name_the_problem():
         model(np.zeros((1, 3, 64, 64), dtype=np.float32))
     with pytest.raises(ValueError, match=r'empty.*0 channels'):
         model(torch.randn(1, 0, 64, 64))
+
+
+def test_global_hooks_see_the_position_modules_and_flop_counting_sees_the_trained_path(monkeypatch):
+    """A hook registered for all modules sees every position conv run; torch's FlopCounterMode (whose module tracker
+    is such a hook) counts the formulation training really runs, not the one-call-per-module fallback."""
+    from torch.utils.flop_counter import FlopCounterMode
+    from timm_pervit.pervit import PeripheralPosition
+    offset_builds = []
+    original = PeripheralPosition._compute_offsets
+
+    def spy(self, *args):
+        offset_builds.append(args)
+        return original(self, *args)
+
+    monkeypatch.setattr(PeripheralPosition, '_compute_offsets', spy)
+    model = make_micro().train()
+    x = torch.randn(2, 3, 64, 64)
+    model(x).sum().backward()
+    assert len(offset_builds) == 1  # the training formulation without any hooks
+
+    seen = []
+    handle = nn.modules.module.register_module_forward_hook(lambda mod, args, out: seen.append(mod))
+    try:
+        model(x).sum().backward()
+    finally:
+        handle.remove()
+    assert len(offset_builds) == 1
+    assert model.pos_attn.blocks[0].conv1 in seen and model.pos_attn.dist_proj in seen
+
+    with FlopCounterMode(display=False) as counter:
+        model(x).sum().backward()
+    assert len(offset_builds) == 2 and counter.get_total_flops() > 0

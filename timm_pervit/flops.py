@@ -4,11 +4,13 @@
 ``F.scaled_dot_product_attention`` dispatches to on CPU, so the attention matmuls would silently go uncounted there.
 ``count_gmacs`` maps that kernel (forward and backward) to torch's own SDPA formulas, locally to one counting run.
 """
-from typing import Dict, Tuple
+from typing import Dict, List, Tuple
 
 import torch
 import torch.nn as nn
 from torch.utils import flop_counter
+
+from .pervit import PeripheralPosition
 
 __all__ = ['flop_counter_mode', 'count_gmacs']
 
@@ -49,8 +51,25 @@ def count_gmacs(model: nn.Module, input_size: Tuple[int, int, int] = (3, 224, 22
     model.eval()
     param = next(model.parameters())
     x = torch.randn(batch_size, *input_size, device=param.device, dtype=param.dtype)
-    with torch.no_grad():
-        model(x)  # build the cached position attention first: it is not per-image work
-        with flop_counter_mode() as counter:
-            model(x)
-    return counter.get_total_flops() / 2 / batch_size / 1e9
+    # The position attention depends on the grid only, not on the image: it is built once and cached, so it is not
+    # per-image work. Its cost is measured around each position module and taken out of the total, because on the
+    # meta device (shapes only, no values to key a cache on) it is recomputed in the counted forward.
+    position_flops: List[int] = []
+    with flop_counter_mode() as counter:
+        def _before(module, args):
+            position_flops.append(-counter.get_total_flops())
+
+        def _after(module, args, output):
+            position_flops[-1] += counter.get_total_flops()
+
+        handles = []
+        for module in model.modules():
+            if isinstance(module, PeripheralPosition):
+                handles += [module.register_forward_pre_hook(_before), module.register_forward_hook(_after)]
+        try:
+            with torch.no_grad():
+                model(x)
+        finally:
+            for handle in handles:
+                handle.remove()
+    return (counter.get_total_flops() - sum(position_flops)) / 2 / batch_size / 1e9

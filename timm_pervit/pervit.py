@@ -163,10 +163,21 @@ def _has_hooks(module: nn.Module) -> bool:
                 or module._backward_pre_hooks)
 
 
+def _hierarchy_tracker(hook: Any) -> bool:
+    """True for a hook of torch's ``ModuleTracker`` (``FlopCounterMode`` and others install it for every module).
+
+    It only records which module is running, to attribute work to it: it does not need to see the position
+    modules called one by one, so it must not switch PerViT to another formulation than the one being measured.
+    """
+    owner = getattr(hook, '__self__', None)
+    return type(owner).__module__ == 'torch.utils.module_tracker' and type(owner).__name__ == 'ModuleTracker'
+
+
 def _global_hooks() -> bool:
     """True when hooks registered for all modules exist: they must see the position modules being called."""
     registry = torch.nn.modules.module
-    return any(getattr(registry, name, None) for name in _GLOBAL_HOOK_REGISTRIES)
+    return any(not _hierarchy_tracker(hook)
+               for name in _GLOBAL_HOOK_REGISTRIES for hook in (getattr(registry, name, None) or {}).values())
 
 
 def _is_plain(module: nn.Module) -> bool:

@@ -11,11 +11,12 @@ mixup/cutmix, random erasing, label smoothing, repeated augmentation, no EMA.
 """
 import argparse
 import shlex
+import sys
 from importlib import resources
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
-__all__ = ['RECIPE_VARIANTS', 'recipe_path', 'load_recipe', 'train_command', 'main']
+__all__ = ['RECIPE_VARIANTS', 'recipe_path', 'load_recipe', 'train_command', 'augmentation_problem', 'main']
 
 #: Variants with a recipe.
 RECIPE_VARIANTS = ('pervit_tiny', 'pervit_small', 'pervit_medium')
@@ -51,6 +52,29 @@ def train_command(variant: str, nproc_per_node: int = 8, data_dir: str = '/image
             f'--data-dir {shlex.quote(data_dir)}')
 
 
+def augmentation_problem() -> Optional[str]:
+    """Why the recipe's RandAugment would crash train.py with the installed timm and Pillow, or None if it will not.
+
+    The recipe's ``rand-m9-mstd0.5-inc1`` samples magnitudes around 9 and clips them at 10, where timm's increasing
+    posterize keeps 0 bits. Pillow 13 rejects 0 bits (``ValueError: bits must be between or equal to 1 and 8``) and
+    timm passes them on (every release up to at least 1.0.31), so a run dies at a random step, usually within the
+    first epoch. The check calls timm's own posterize op with 0 bits on a one-pixel image.
+    """
+    try:
+        from PIL import Image
+        from timm.data import auto_augment
+    except ImportError:
+        return None
+    try:
+        auto_augment.posterize(Image.new('RGB', (1, 1)), 0)
+    except ValueError as e:
+        import PIL
+        return (f"the recipe's RandAugment (rand-m9-mstd0.5-inc1) fails with this timm and Pillow {PIL.__version__}: "
+                f'timm posterizes to 0 bits, which Pillow rejects ({e}). Fix: pip install "pillow<13", or pass '
+                f'--aa rand-m9-mstd0.5 to train.py (posterize keeps 4 to 8 bits; not the paper\'s augmentation)')
+    return None
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     """``python -m timm_pervit recipe <variant> [--path]``: where the recipe is and how to train with it."""
     parser = argparse.ArgumentParser(
@@ -63,6 +87,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument('--data-dir', default='/imagenet', help='ImageNet folder in the command')
     args = parser.parse_args(argv)
     path = recipe_path(args.variant)
+    problem = augmentation_problem()
+    if problem:
+        print(f'warning: {problem}', file=sys.stderr)  # stderr: train.py -c $(... --path) still gets the path
     if args.path:
         print(path)
         return 0
