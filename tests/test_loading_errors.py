@@ -117,10 +117,13 @@ def test_non_finite_weights_are_refused_by_name(tmp_path):
     assert 'blocks.3.attn.qkv.weight' in str(info.value) and 'pos_attn.blocks.2.norm2.bias' in str(info.value)
 
 
-def test_construction_errors_are_not_translated(tmp_path):
-    """Only timm's loading step is translated: a bad architecture argument surfaces as itself."""
+def test_construction_errors_are_not_translated(tmp_path, tiny_state_dict):
+    """Only timm's loading step is translated: a bad architecture argument surfaces as itself. (A readable file:
+    on timm releases that would unpickle it, the file is read before the model is built.)"""
+    path = tmp_path / 'tiny.pth'
+    torch.save(tiny_state_dict, path)
     with pytest.raises(TypeError, match='bogus') as info:
-        _load(tmp_path / 'missing.pth', bogus=1)
+        _load(path, bogus=1)
     assert not isinstance(info.value, PretrainedWeightsError)
 
 

@@ -487,3 +487,21 @@ def test_stem_memory_format_channels_last_at_inference_only():
     model.train()
     model._stem(x)
     assert seen[-1] is False
+
+
+def test_position_windows_function_gradcheck():
+    """The training build of the position attention (``_PositionWindows``, an autograd Function calling aten kernels
+    directly) passes gradcheck for every input, with one query row per chunk and with all rows in one chunk. (On
+    torch 2.1 a strided gradient handed to the GroupNorm backward kernel gave wrong gradients without any error.)"""
+    from timm_pervit.pervit import _PositionWindows
+    torch.manual_seed(0)
+    h, w, c, heads = 3, 4, 8, 2
+    f64 = dict(dtype=torch.float64)
+    inputs = [torch.randn(2 * h + 1, 2 * w + 1, c, **f64), torch.rand(h, w, c, **f64) + 0.5,
+              torch.randn(h, w, c, **f64), torch.randn(heads, c, 3, 3, **f64), torch.randn(heads, **f64),
+              torch.rand(heads, **f64) + 0.5, torch.randn(heads, **f64)]
+    inputs = [t.requires_grad_() for t in inputs]
+    for chunk_bytes in (1, 1 << 22):
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(_PositionWindows, 'chunk_bytes', chunk_bytes)
+            assert torch.autograd.gradcheck(lambda *a: _PositionWindows.apply(*a, 1e-5), inputs, eps=1e-6, atol=1e-5)

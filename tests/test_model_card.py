@@ -10,6 +10,7 @@ import yaml
 from PIL import Image
 from safetensors.torch import load_file
 
+from timm_pervit._compat import create_model_from_folder
 from timm_pervit.flops import count_gmacs
 from timm_pervit.model_card import model_card, save_for_hf, variant_stats
 from timm_pervit.paper import CITATION, PAPER_RESULTS, TIMM_CITATION
@@ -69,9 +70,9 @@ def test_card_for_other_class_count_prints_indices():
     assert 'ImageNetInfo' not in classify and "print(f'class {i}" in classify
 
 
-def _run_snippet(code: str, folder, capsys) -> str:
-    code = code.replace(f"'hf-hub:{REPO}'", repr(f'local-dir:{folder}'))
-    assert 'local-dir:' in code
+def _run_snippet(code: str, capsys) -> str:
+    """Run a card snippet as written (its hub id is served by the loopback hub), with a generated image."""
+    assert f"'hf-hub:{REPO}'" in code
     # a tiny generated image instead of the download
     code, n = re.subn(r'^img = .*$', 'img = _generated_image', code, flags=re.M)
     assert n == 1
@@ -88,12 +89,13 @@ def _commented_shapes(code: str):
             if 'print(' in line and '#' in line]
 
 
-def test_card_snippets_run_as_written(pervit_hub_root, capsys):
-    """Every usage snippet runs against the converted folder, with only the hub id and the image replaced."""
-    folder = pervit_hub_root[1].output_dir
+def test_card_snippets_run_as_written(pervit_hub_root, pervit_loopback_hub, pervit_hf_env, capsys):
+    """Every usage snippet runs as written against the converted repo on a loopback hub, with only the image
+    replaced (the download is not reachable offline)."""
+    pervit_hf_env(pervit_loopback_hub.url)
     classify, features, embed = _snippets(_card(pervit_hub_root))
 
-    out = _run_snippet(classify, folder, capsys).strip().splitlines()
+    out = _run_snippet(classify, capsys).strip().splitlines()
     assert len(out) == 5
     probs = [float(line.rsplit(': ', 1)[1].rstrip('%')) for line in out]
     assert probs == sorted(probs, reverse=True) and 0 < sum(probs) <= 100.1
@@ -101,10 +103,10 @@ def test_card_snippets_run_as_written(pervit_hub_root, capsys):
     labels = timm.data.ImageNetInfo()
     assert all(n in labels.label_descriptions() for n in names)
 
-    out = _run_snippet(features, folder, capsys).strip().splitlines()
+    out = _run_snippet(features, capsys).strip().splitlines()
     assert out == _commented_shapes(features)[0]  # the four stage outputs the comment lists
 
-    out = _run_snippet(embed, folder, capsys).strip().splitlines()
+    out = _run_snippet(embed, capsys).strip().splitlines()
     assert out == [shapes[0] for shapes in _commented_shapes(embed)]
 
 
@@ -138,8 +140,8 @@ def test_save_for_hf_describes_the_weights_saved(tmp_path):
     assert config['model_args']['embed_dims'] == list(MICRO_KWARGS['embed_dims'])
     assert 'num_classes' not in config['model_args']
 
-    # timm: the folder re-creates the model, its weights and its metadata
-    reloaded = timm.create_model(f'local-dir:{folder}', pretrained=True).eval()
+    # timm: the folder re-creates the model, its weights and its metadata (local-dir: where timm has it)
+    reloaded = create_model_from_folder(folder).eval()
     assert reloaded.num_classes == 10
     assert reloaded.pretrained_cfg['description'] == cfg['description']
     assert tuple(timm.data.resolve_model_data_config(reloaded)['input_size']) == (3, 64, 64)

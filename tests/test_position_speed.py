@@ -30,6 +30,14 @@ def test_compiled_model_reuses_the_position_cache():
         outs = [compiled(x) for _ in range(3)]
         n_graphs = len(graphs)
         ref = model(x)
+    from torch._dynamo.symbolic_convert import InstructionTranslator
+    if not hasattr(InstructionTranslator, 'current_tx'):
+        # torch 2.1 does not tell whether a graph break is allowed (fullgraph=True): the graph rebuilds the
+        # position attention in every call (README, Compatibility), with the same result
+        assert calls == [(4, 6)] * 2  # traced into the graph once (it runs in every call), then the eager build
+        for out in outs:
+            torch.testing.assert_close(out, ref, rtol=1e-6, atol=1e-6)
+        return
     assert calls == [(4, 6)]
     with torch.no_grad():
         compiled(x)

@@ -108,7 +108,8 @@ def peripheral_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: tor
 
     Gradients reach q, k, v and the mask (when it requires grad) on every path; see the module docstring.
     """
-    if is_fx_tracing() or not (mask.requires_grad and torch.is_grad_enabled()) or mask.device.type == 'cuda':
+    # meta tensors hold no memory to save, and torch 2.1's checkpoint cannot run on them (no torch.meta module)
+    if is_fx_tracing() or not (mask.requires_grad and torch.is_grad_enabled()) or mask.device.type in ('cuda', 'meta'):
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
     if not (is_compiling() or is_exporting()) and _cpu_kernel_supports(q, mask):
         return PeripheralSdpaCpu.apply(q, k, v, mask, scale)

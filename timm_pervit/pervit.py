@@ -58,7 +58,8 @@ from timm.models._features import feature_take_indices
 from ._attention import peripheral_sdpa
 from .checkpoint_io import state_dict_of
 from ._compat import (
-    autocast_dtype, build_mlp, calculate_drop_path_rates, checkpoint, get_device_dtype, is_compiling, is_exporting)
+    LOADS_SAFETENSORS_HUB_FILENAME, autocast_dtype, build_mlp, calculate_drop_path_rates, checkpoint, get_device_dtype,
+    is_compiling, is_exporting)
 from .paper import OFFICIAL_URL, PAPER_ID, PAPER_NAME, PAPER_RESULTS
 
 __all__ = [
@@ -182,7 +183,9 @@ def _global_hooks() -> bool:
 
 def _is_plain(module: nn.Module) -> bool:
     """True for a module whose call is exactly its formula on its own parameters (no hooks, no parametrization)."""
-    return not (_has_hooks(module) or parametrize.is_parametrized(module))
+    # ``parametrize.is_parametrized``'s own test, written out: torch.compile of torch < 2.3 cannot trace a call of
+    # that torch function with a module argument (it is called from forward)
+    return not (_has_hooks(module) or isinstance(getattr(module, 'parametrizations', None), nn.ModuleDict))
 
 
 def _has_opaque_hooks(module: nn.Module) -> bool:
@@ -297,7 +300,10 @@ class _PositionWindows(torch.autograd.Function):
             z, mean, rstd = z_all[q], mean_all[q], rstd_all[q]
             u = torch.native_group_norm(z, gamma2, beta2, z.shape[0], heads, n, heads, eps2)[0]  # recomputed
             # d logsigmoid(u) / du = sigmoid(-u)
-            du = grad_out[:, h - r1:h - r0].permute(1, 2, 0, 3).flip(0, 1).reshape(z.shape) * torch.sigmoid(-u)
+            # contiguous: called directly (not through autograd, which makes its inputs contiguous), the GroupNorm
+            # backward kernel of torch 2.1 reads a strided gradient as if it were dense (wrong gradients, no error)
+            du = (grad_out[:, h - r1:h - r0].permute(1, 2, 0, 3).flip(0, 1).reshape(z.shape)
+                  * torch.sigmoid(-u)).contiguous()
             dz, dgamma, dbeta = torch.ops.aten.native_group_norm_backward(
                 du, z, mean, rstd, gamma2, z.shape[0], heads, n, heads, [True, need_gamma, need_beta])
             if grad_gamma is not None:
@@ -1255,8 +1261,8 @@ def _create_pervit(variant: str, pretrained: bool = False, **kwargs) -> PerViT:
     # offline without cache, corrupted or missing file, ...) and how to convert and load the official release
     from .hub import pretrained_loading, safe_file_overlay
     overlay = kwargs.get('pretrained_cfg_overlay')
-    kwargs['pretrained_cfg_overlay'] = safe_file_overlay(overlay)
     with pretrained_loading(variant, kwargs.get('pretrained_cfg'), overlay, kwargs.get('cache_dir')):
+        kwargs['pretrained_cfg_overlay'] = safe_file_overlay(overlay)
         model = build()
     if kwargs['pretrained_cfg_overlay'] is not overlay:
         getattr(model, 'pretrained_cfg', {}).pop('state_dict', None)  # loaded: do not keep the weights twice
@@ -1287,10 +1293,12 @@ def _cfg(url: str = '', **kwargs) -> Dict[str, Any]:
 
 def _in1k_cfg(variant: str) -> Dict[str, Any]:
     top1, params, gflops = PAPER_RESULTS[variant]
+    # the one file the converter publishes, named where timm can load it by name (without a name timm also asks the
+    # hub for pytorch_model.bin when model.safetensors is missing); older timm finds it as the default's safe twin
+    hub_file = dict(hf_hub_filename='model.safetensors') if LOADS_SAFETENSORS_HUB_FILENAME else {}
     return _cfg(
         hf_hub_id=f'{HF_HUB_NAMESPACE}/{variant}.in1k',
-        # the one file the converter publishes: without a name timm also asks the hub for pytorch_model.bin
-        hf_hub_filename='model.safetensors',
+        **hub_file,
         description=(
             f'{variant} trained on ImageNet-1k at 224 px by the PerViT authors; paper: top-1 {top1}%, '
             f'{params}M params, {gflops} GFLOPs.'),
