@@ -26,7 +26,7 @@ from timm.optim import create_optimizer_v2
 from timm.utils import distribute_bn, init_distributed_device
 from torch.nn.parallel import DistributedDataParallel
 
-from timm_pervit.recipes import augmentation_problem
+from timm_pervit.recipes import SAFE_AUGMENTATION, augmentation_problem
 
 def fresh_eval(model: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
     ref = copy.deepcopy(model).eval()
@@ -68,7 +68,7 @@ def main() -> None:
 
     dataset = create_dataset('', root=args.data, split='train', is_training=True)
     # the recipe's RandAugment, or the one the recipe command advises where timm + Pillow 13 crash on it
-    aa = 'rand-m9-mstd0.5-inc1' if augmentation_problem() is None else 'rand-m9-mstd0.5'
+    aa = 'rand-m9-mstd0.5-inc1' if augmentation_problem() is None else SAFE_AUGMENTATION
     loader = create_loader(
         dataset, input_size=(3, 48, 48), batch_size=4, is_training=True, auto_augment=aa,
         re_prob=0.25, re_mode='pixel', interpolation='bicubic', num_aug_repeats=3, distributed=True,

@@ -27,7 +27,7 @@ from timm.scheduler import create_scheduler_v2
 from timm.utils import CheckpointSaver, ModelEmaV3, ParseKwargs, accuracy
 
 from timm_pervit import PerViT
-from timm_pervit.recipes import augmentation_problem
+from timm_pervit.recipes import SAFE_AUGMENTATION, augmentation_problem
 
 from .conftest import MICRO_ARCH
 
@@ -340,7 +340,7 @@ def test_short_training_run_on_image_folder(tmp_path):
     val_set = create_dataset('', root=str(tmp_path), split='validation', is_training=False)
     assert len(train_set) == 48 and len(val_set) == 18
     # the recipe's RandAugment, or the one the recipe command advises where timm + Pillow 13 crash on it
-    aa = 'rand-m9-mstd0.5-inc1' if augmentation_problem() is None else 'rand-m9-mstd0.5'
+    aa = 'rand-m9-mstd0.5-inc1' if augmentation_problem() is None else SAFE_AUGMENTATION
     collate = FastCollateMixup(mixup_alpha=0.8, cutmix_alpha=1.0, prob=1.0, switch_prob=0.5, mode='batch',
                                label_smoothing=0.1, num_classes=num_classes)
     train_loader = create_loader(

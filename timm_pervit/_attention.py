@@ -103,7 +103,8 @@ def _cpu_flash_takes_mask() -> bool:
 _HAS_CPU_FLASH = _cpu_flash_takes_mask()
 
 
-def peripheral_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, scale: float) -> torch.Tensor:
+def peripheral_sdpa(
+        q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, scale: float) -> torch.Tensor:
     """``softmax(q k^T * scale + mask) v`` for q, k, v (B, H, N, D) and an additive mask (1, H, N, N).
 
     Gradients reach q, k, v and the mask (when it requires grad) on every path; see the module docstring.

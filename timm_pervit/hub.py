@@ -26,6 +26,7 @@ from types import TracebackType
 from typing import Any, Dict, Iterator, List, NamedTuple, Optional, Tuple, Union
 
 from huggingface_hub import constants as hf_constants, scan_cache_dir, try_to_load_from_cache
+from huggingface_hub.file_download import repo_folder_name
 try:  # huggingface_hub >= 0.25 (earlier releases keep them in huggingface_hub.utils)
     from huggingface_hub.errors import (
         EntryNotFoundError, GatedRepoError, HfHubHTTPError, LocalEntryNotFoundError, OfflineModeIsEnabled,
@@ -70,8 +71,8 @@ class PretrainedWeightsError(RuntimeError):
         reason: One of 'not_published' (repository, revision or file missing on the hub), 'offline' (the hub is
             unreachable, does not answer in time, or ``HF_HUB_OFFLINE=1``, and no copy is cached), 'download_failed'
             (the transfer broke off; the message says whether a partial file stays cached), 'corrupted' (the
-            weights file cannot be parsed), 'not_found' (a local path that does not exist or is a directory) or 'invalid' (a readable file that
-            holds no state dict).
+            weights file cannot be parsed), 'not_found' (a local path that does not exist or is a directory) or
+            'invalid' (a readable file that holds no state dict).
         source: Where timm looked for the weights (hub repo id or file path).
     """
 
@@ -346,10 +347,10 @@ def explain_pretrained_error(
 
 
 def _partial_downloads(cache_root: Union[str, os.PathLike], repo_id: Optional[str]) -> List[Path]:
-    """Unfinished downloads (``*.incomplete`` blobs) of ``repo_id`` in the hub cache (layout ``models--<org>--<name>``)."""
+    """Unfinished downloads (``*.incomplete`` blobs) of the model repo ``repo_id`` in the hub cache."""
     if not repo_id:
         return []
-    blobs = Path(cache_root) / ('models--' + repo_id.replace('/', '--')) / 'blobs'
+    blobs = Path(cache_root) / repo_folder_name(repo_id=repo_id, repo_type='model') / 'blobs'
     return sorted(blobs.glob('*.incomplete')) if blobs.is_dir() else []
 
 

@@ -43,7 +43,6 @@ from typing import Any, Dict, List, NamedTuple, Optional, Tuple, Type, Union
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-import torch.nn.utils.parametrize as parametrize
 
 from torch.jit import Final
 from torch.nn.utils import prune
@@ -183,8 +182,8 @@ def _global_hooks() -> bool:
 
 def _is_plain(module: nn.Module) -> bool:
     """True for a module whose call is exactly its formula on its own parameters (no hooks, no parametrization)."""
-    # ``parametrize.is_parametrized``'s own test, written out: torch.compile of torch < 2.3 cannot trace a call of
-    # that torch function with a module argument (it is called from forward)
+    # ``parametrize.is_parametrized``'s own test, written out: torch.compile of torch 2.1 cannot trace a call of
+    # that torch function with a module argument, nor ``_modules.get`` (this runs in forward)
     return not (_has_hooks(module) or isinstance(getattr(module, 'parametrizations', None), nn.ModuleDict))
 
 
@@ -651,7 +650,7 @@ class PeripheralPosition(nn.Module):
             modules.append(id(m))  # a replaced module (another padding, say) holding equal values is a change too
             tensors += [t for t in m._parameters.values() if t is not None]
             tensors += [t for t in m._buffers.values() if t is not None]
-            if isinstance(m._modules.get('parametrizations'), nn.ModuleDict) and parametrize.is_parametrized(m):
+            if isinstance(m._modules.get('parametrizations'), nn.ModuleDict):  # parametrize.is_parametrized(m)
                 with torch.no_grad():
                     tensors += [getattr(m, name) for name in m.parametrizations]
             stack.extend(m._modules.values())

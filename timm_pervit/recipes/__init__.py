@@ -16,10 +16,16 @@ from importlib import resources
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
-__all__ = ['RECIPE_VARIANTS', 'recipe_path', 'load_recipe', 'train_command', 'augmentation_problem', 'main']
+__all__ = [
+    'RECIPE_VARIANTS', 'SAFE_AUGMENTATION', 'recipe_path', 'load_recipe', 'train_command', 'augmentation_problem',
+    'main']
 
 #: Variants with a recipe.
 RECIPE_VARIANTS = ('pervit_tiny', 'pervit_small', 'pervit_medium')
+
+#: RandAugment without the increasing posterize (it keeps 4 to 8 bits): the ``--aa`` to use where
+#: ``augmentation_problem`` reports that the recipe's own one crashes.
+SAFE_AUGMENTATION = 'rand-m9-mstd0.5'
 
 
 def recipe_path(variant: str) -> Path:
@@ -71,7 +77,7 @@ def augmentation_problem() -> Optional[str]:
         import PIL
         return (f"the recipe's RandAugment (rand-m9-mstd0.5-inc1) fails with this timm and Pillow {PIL.__version__}: "
                 f'timm posterizes to 0 bits, which Pillow rejects ({e}). Fix: pip install "pillow<13", or pass '
-                f'--aa rand-m9-mstd0.5 to train.py (posterize keeps 4 to 8 bits; not the paper\'s augmentation)')
+                f'--aa {SAFE_AUGMENTATION} to train.py (posterize keeps 4 to 8 bits; not the paper\'s augmentation)')
     return None
 
 
