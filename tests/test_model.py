@@ -435,25 +435,40 @@ def test_cpu_training_attention_matches_explicit_formula(dtype):
 
 @pytest.mark.skipif(not _HAS_CPU_FLASH, reason=f'torch {torch.__version__} has no CPU flash-attention op with a mask')
 def test_cpu_training_attention_function_gradcheck():
-    """The custom CPU attention function passes gradcheck (q, k, v and a broadcast mask, non-contiguous inputs) and
-    gives float32 gradients under bfloat16 autocast close to the float32 ones."""
+    """The custom CPU attention function passes gradcheck (a packed qkv (B, N, 3, H, D), also non-contiguous, and a
+    broadcast mask), agrees with SDPA on the unpacked q, k, v, and gives float32 gradients under bfloat16 autocast
+    close to the float32 ones."""
     from timm_pervit._attention import PeripheralSdpaCpu
     torch.manual_seed(0)
-    q, k, v = (torch.randn(2, 5, 3, 4, dtype=torch.float64).transpose(1, 2).requires_grad_() for _ in range(3))
-    mask = torch.randn(1, 3, 5, 5, dtype=torch.float64, requires_grad=True)
-    assert not q.is_contiguous()
-    assert torch.autograd.gradcheck(lambda *a: PeripheralSdpaCpu.apply(*a, 0.7), (q, k, v, mask))
+    f64 = dict(dtype=torch.float64)
+    qkv = torch.randn(2, 3, 3, 5, 4, **f64).transpose(1, 3).requires_grad_()  # (B=2, N=5, 3, H=3, D=4), strided
+    mask = torch.randn(1, 3, 5, 5, **f64, requires_grad=True)
+    assert not qkv.is_contiguous()
+    assert torch.autograd.gradcheck(lambda *a: PeripheralSdpaCpu.apply(*a, 0.7), (qkv, mask))
     # the backward works through the batch in chunks (one sample here, 3 samples in a chunk, an uneven tail)
-    q3, k3, v3 = (torch.randn(7, 3, 5, 4, dtype=torch.float64, requires_grad=True) for _ in range(3))
+    qkv7 = torch.randn(7, 5, 3, 3, 4, **f64, requires_grad=True)
     for chunk_bytes in (1, 3 * 3 * 5 * 5 * 8):
         with pytest.MonkeyPatch.context() as mp:
             mp.setattr(PeripheralSdpaCpu, 'chunk_bytes', chunk_bytes)
-            assert torch.autograd.gradcheck(lambda *a: PeripheralSdpaCpu.apply(*a, 0.7), (q3, k3, v3, mask))
+            assert torch.autograd.gradcheck(lambda *a: PeripheralSdpaCpu.apply(*a, 0.7), (qkv7, mask))
+    # only the mask needs a gradient (a frozen qkv projection)
+    assert torch.autograd.gradcheck(lambda m: PeripheralSdpaCpu.apply(qkv7.detach(), m, 0.7), (mask,))
 
-    inputs = [t.detach().float().requires_grad_() for t in (q, k, v, mask)]
+    def sdpa(packed, m):
+        q, k, v = packed.permute(2, 0, 3, 1, 4).unbind(0)
+        return nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=m, scale=0.7)
+
+    grad_out = torch.randn(7, 3, 5, 4, **f64)
+    out, grads = torch.autograd.functional.vjp(lambda *a: PeripheralSdpaCpu.apply(*a, 0.7), (qkv7, mask), grad_out)
+    out_ref, grads_ref = torch.autograd.functional.vjp(sdpa, (qkv7, mask), grad_out)
+    torch.testing.assert_close(out, out_ref)
+    for g, r in zip(grads, grads_ref):
+        torch.testing.assert_close(g, r)
+
+    inputs = [t.detach().float().requires_grad_() for t in (qkv, mask)]
     PeripheralSdpaCpu.apply(*inputs, 0.7).sum().backward()
     ref = [t.grad for t in inputs]
-    inputs = [t.detach().float().requires_grad_() for t in (q, k, v, mask)]
+    inputs = [t.detach().float().requires_grad_() for t in (qkv, mask)]
     with torch.autocast('cpu', dtype=torch.bfloat16):
         out = PeripheralSdpaCpu.apply(*(t.to(torch.bfloat16) for t in inputs), 0.7)
         assert out.dtype == torch.bfloat16
@@ -463,30 +478,63 @@ def test_cpu_training_attention_function_gradcheck():
         torch.testing.assert_close(t.grad, r, rtol=0, atol=0.1)
 
 
-def test_stem_memory_format_channels_last_at_inference_only():
-    """The stem runs channels-last at inference (faster, its output is then the NHWC token grid without a copy) and
-    NCHW in training (torch's channels-last BatchNorm gathers batch statistics less precisely); the results agree."""
-    model = make_micro()
-    with torch.no_grad():
-        for bn in (m for m in model.modules() if isinstance(m, nn.BatchNorm2d)):
-            bn.running_mean.normal_(0, .5)
-            bn.running_var.uniform_(.5, 2.)
+def _aten_ops(fn):
+    """Run ``fn`` and return the names of the aten ops it dispatched."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Record(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            seen.append(func.__name__)
+            return func(*args, **(kwargs or {}))
+
     seen = []
-    model.stem[1].conv.register_forward_pre_hook(
-        lambda mod, args: seen.append(args[0].is_contiguous(memory_format=torch.channels_last)))
-    x = torch.randn(2, 3, 64, 64)
-    model.eval()
+    with Record():
+        fn()
+    return seen
+
+
+def test_stem_batchnorm_folded_into_the_conv_in_eval_mode():
+    """In eval mode each stem layer runs conv(x; W * s, (b - mean) * s + beta) with s = gamma / sqrt(var + eps): no
+    BatchNorm pass, the same outputs and gradients (eval with gradients: frozen-BN fine-tuning, saliency) as conv -> BN.
+    A hook on either module, train mode, and a BatchNorm without running statistics keep the modules as they are."""
+    torch.manual_seed(0)
+    layer = make_micro().stem[1]
     with torch.no_grad():
-        tokens = model._stem(x)
-        feats = model.forward_features(x)
-        nchw = model.stem(x)  # the stem's modules called directly, in NCHW as the official model does
-    assert seen == [True, True, False] and tokens.is_contiguous()  # NHWC token grid straight from the stem
-    assert nchw.is_contiguous()
-    torch.testing.assert_close(tokens, nchw.permute(0, 2, 3, 1), rtol=1e-5, atol=1e-5)
-    assert feats.shape == (2, 4, 4, 40)
-    model.train()
-    model._stem(x)
-    assert seen[-1] is False
+        layer.bn.running_mean.normal_(0, .5)
+        layer.bn.running_var.uniform_(.5, 2.)
+        layer.bn.weight.normal_(1, .3)
+        layer.bn.bias.normal_(0, .3)
+    layer.eval()
+    x = torch.randn(2, layer.conv.in_channels, 16, 16, requires_grad=True)
+    params = [x, layer.conv.weight, layer.conv.bias, layer.bn.weight, layer.bn.bias]
+
+    def run(f):
+        out = f(x)
+        grads = torch.autograd.grad((out * torch.linspace(-1, 1, out.numel()).view_as(out)).sum(), params)
+        return out, grads
+
+    folded, folded_grads = run(layer)
+    plain, plain_grads = run(lambda t: layer.act(layer.bn(layer.conv(t))))
+    torch.testing.assert_close(folded, plain, rtol=1e-5, atol=1e-5)
+    for g, r in zip(folded_grads, plain_grads):
+        torch.testing.assert_close(g, r, rtol=1e-4, atol=1e-5)
+    with torch.no_grad():
+        assert not any('batch_norm' in op for op in _aten_ops(lambda: layer(x)))
+        calls = []
+        handle = layer.bn.register_forward_hook(lambda *args: calls.append(1))
+        assert any('batch_norm' in op for op in _aten_ops(lambda: layer(x))) and calls == [1]
+        handle.remove()
+        layer.train()
+        assert any('batch_norm' in op for op in _aten_ops(lambda: layer(x)))
+        layer.eval()
+        # a model-level check: the eval stem has no BatchNorm op left, and matches the modules called one by one
+        model = make_micro().eval()
+        image = torch.randn(2, 3, 64, 64)
+        assert not any('batch_norm' in op for op in _aten_ops(lambda: model._stem(image)))
+        torch.testing.assert_close(model._stem(image), model.stem(image).permute(0, 2, 3, 1), rtol=1e-5, atol=1e-5)
+        model.stem[0].bn.track_running_stats = False
+        model.stem[0].bn.running_mean = model.stem[0].bn.running_var = None
+        assert any('batch_norm' in op for op in _aten_ops(lambda: model._stem(image)))
 
 
 def test_position_windows_function_gradcheck():

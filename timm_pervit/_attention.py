@@ -19,72 +19,77 @@ __all__ = ['peripheral_sdpa', 'PeripheralSdpaCpu']
 class PeripheralSdpaCpu(torch.autograd.Function):
     """``softmax(q k^T * scale + mask) v`` on CPU with a gradient for the mask and O(N) saved activations.
 
-    The forward is the CPU flash kernel, which also returns the row log-sum-exp; the backward rebuilds the attention
-    from it in one pass, a few samples at a time (so its B x H x N x N intermediates stay cache-sized), and returns
-    the gradients of q, k, v and the mask (the mask's summed over the batch). Without it, SDPA would fall to its math
-    kernel whenever the mask needs a gradient and keep every block's attention for backward.
+    Takes the attention's packed projection ``qkv`` (B, N, 3, H, D), as the qkv Linear returns it. The forward is the
+    CPU flash kernel, which also returns the row log-sum-exp; the backward rebuilds the attention from it in one
+    pass, a few samples at a time (so its B x H x N x N intermediates stay cache-sized), and writes the gradients of
+    q, k and v straight into one packed gradient, the qkv Linear's output gradient (unpacking q, k, v with autograd
+    would stack and permute three gradients back into that layout), and returns the mask's (summed over the batch).
+    Without it, SDPA would fall to its math kernel whenever the mask needs a gradient and keep every block's attention
+    for backward.
     """
 
     #: Bytes of one chunk's attention matrix in backward (the chunk is at least one sample).
     chunk_bytes: int = 1 << 21
 
     @staticmethod
-    def forward(
-            ctx: Any, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, scale: float,
-    ) -> torch.Tensor:
+    def forward(ctx: Any, qkv: torch.Tensor, mask: torch.Tensor, scale: float) -> torch.Tensor:
+        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
         out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
             q, k, v, 0.0, False, attn_mask=mask, scale=scale)
-        ctx.save_for_backward(q, k, v, mask, out, lse)
+        ctx.save_for_backward(qkv, mask, out, lse)
         ctx.scale = scale
         return out
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx: Any, grad_out: torch.Tensor) -> Tuple[Optional[torch.Tensor], ...]:
-        q, k, v, mask, out, lse = ctx.saved_tensors
+        qkv, mask, out, lse = ctx.saved_tensors
         scale = ctx.scale
-        need_q, need_k, _, need_mask, _ = ctx.needs_input_grad
-        B, H, N, _ = q.shape
+        need_qkv, need_mask, _ = ctx.needs_input_grad
+        B, N, _, H, D = qkv.shape
         # low-precision inputs are promoted: the softmax and its gradient are computed in float32 (or float64), also
         # when backward is called under autocast
-        ct = torch.promote_types(q.dtype, torch.float32)
-        with torch.autocast(q.device.type, enabled=False):
-            # contiguous operands: the batched matmuls below would otherwise copy every chunk's slices
-            qs = q.to(ct) * scale
-            kc, vc, do = (t.to(ct).contiguous() for t in (k, v, grad_out))
+        ct = torch.promote_types(qkv.dtype, torch.float32)
+        with torch.autocast(qkv.device.type, enabled=False):
             lse, mask_c = lse.to(ct).unsqueeze(-1), mask.to(ct)
-            delta = (do * out.to(ct)).sum(dim=-1, keepdim=True)  # rowsum(dO * O)
-            grad_q, grad_k, grad_v = torch.empty_like(qs), torch.empty_like(kc), torch.empty_like(vc)
+            delta = (grad_out.to(ct) * out.to(ct)).sum(dim=-1, keepdim=True)  # rowsum(dO * O)
+            grad_qkv = torch.empty(qkv.shape, dtype=qkv.dtype, device=qkv.device) if need_qkv else None
             grad_mask = torch.zeros(mask.shape, dtype=ct, device=mask.device) if need_mask else None
-            step = max(1, PeripheralSdpaCpu.chunk_bytes // (H * N * N * torch.finfo(ct).bits // 8))
+            step = min(B, max(1, PeripheralSdpaCpu.chunk_bytes // (H * N * N * torch.finfo(ct).bits // 8)))
+            # per-chunk operands, copied once into contiguous (b * H, N, D) buffers: the batched matmuls would copy
+            # strided slices on every call
+            qs, kc, vc, do, gq, gk, gv = (torch.empty(step * H, N, D, dtype=ct, device=qkv.device) for _ in range(7))
             for b0 in range(0, B, step):
                 b = slice(b0, b0 + step)
+                n = min(step, B - b0) * H
+                qkv_b = qkv[b].permute(2, 0, 3, 1, 4)  # (3, b, H, N, D) view
+                for buf, src in ((qs, qkv_b[0]), (kc, qkv_b[1]), (vc, qkv_b[2]), (do, grad_out[b])):
+                    buf[:n].view(-1, H, N, D).copy_(src)
+                qs[:n].mul_(scale)
                 # the softmax, rebuilt from the saved log-sum-exp
-                attn = torch.matmul(qs[b], kc[b].transpose(-2, -1)).add_(mask_c).sub_(lse[b]).exp_()
-                torch.matmul(attn.transpose(-2, -1), do[b], out=grad_v[b])
+                attn = torch.bmm(qs[:n], kc[:n].transpose(1, 2)).view(-1, H, N, N)
+                attn = attn.add_(mask_c).sub_(lse[b]).exp_().view(n, N, N)
                 # dS = P * (dO v^T - rowsum(dO * O)), in place on dO v^T
-                grad_s = torch.matmul(do[b], vc[b].transpose(-2, -1)).sub_(delta[b]).mul_(attn)
-                del attn
+                grad_s = torch.bmm(do[:n], vc[:n].transpose(1, 2)).view(-1, H, N, N).sub_(delta[b])
+                grad_s = grad_s.view(n, N, N).mul_(attn)
                 if grad_mask is not None:
-                    grad_mask.add_(grad_s.sum_to_size(mask.shape))
-                if need_q:
-                    torch.matmul(grad_s, kc[b], out=grad_q[b])
-                if need_k:
-                    torch.matmul(grad_s.transpose(-2, -1), qs[b], out=grad_k[b])
-        return (
-            grad_q.mul_(scale).to(q.dtype) if need_q else None,
-            grad_k.to(k.dtype) if need_k else None,
-            grad_v.to(v.dtype),
-            grad_mask.to(mask.dtype) if grad_mask is not None else None,
-            None,
-        )
+                    grad_mask.add_(grad_s.view(-1, H, N, N).sum_to_size(mask.shape))
+                if grad_qkv is not None:
+                    torch.bmm(attn.transpose(1, 2), do[:n], out=gv[:n])
+                    torch.bmm(grad_s, kc[:n], out=gq[:n]).mul_(scale)
+                    torch.bmm(grad_s.transpose(1, 2), qs[:n], out=gk[:n])
+                    grad_b = grad_qkv[b].permute(2, 0, 3, 1, 4)
+                    for i, buf in enumerate((gq, gk, gv)):
+                        grad_b[i].copy_(buf[:n].view(-1, H, N, D))
+                del attn, grad_s
+        return grad_qkv, grad_mask.to(mask.dtype) if grad_mask is not None else None, None
 
 
-def _cpu_kernel_supports(q: torch.Tensor, mask: torch.Tensor) -> bool:
+def _cpu_kernel_supports(qkv: torch.Tensor, mask: torch.Tensor) -> bool:
     """Whether ``PeripheralSdpaCpu`` can take this call (eager CPU, a dtype and mask layout of the CPU flash op)."""
-    return _HAS_CPU_FLASH and q.device.type == 'cpu' and q.dtype == mask.dtype \
-        and mask.dim() == 4 and mask.shape[0] == 1 \
-        and q.dtype in (torch.float32, torch.float64, torch.bfloat16, torch.float16)
+    return _HAS_CPU_FLASH and qkv.device.type == 'cpu' and qkv.dtype == mask.dtype \
+        and qkv.dim() == 5 and mask.dim() == 4 and mask.shape[0] == 1 \
+        and qkv.dtype in (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 
 
 def _cpu_flash_takes_mask() -> bool:
@@ -103,15 +108,21 @@ def _cpu_flash_takes_mask() -> bool:
 _HAS_CPU_FLASH = _cpu_flash_takes_mask()
 
 
-def peripheral_sdpa(
-        q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, scale: float) -> torch.Tensor:
-    """``softmax(q k^T * scale + mask) v`` for q, k, v (B, H, N, D) and an additive mask (1, H, N, N).
+def peripheral_sdpa(qkv: torch.Tensor, mask: torch.Tensor, scale: float) -> torch.Tensor:
+    """``softmax(q k^T * scale + mask) v`` for the packed projection ``qkv`` (B, N, 3, H, D) and an additive mask
+    (1, H, N, N); returns (B, H, N, D).
 
-    Gradients reach q, k, v and the mask (when it requires grad) on every path; see the module docstring.
+    Gradients reach qkv and the mask (when it requires grad) on every path; see the module docstring.
     """
     # meta tensors hold no memory to save, and torch 2.1's checkpoint cannot run on them (no torch.meta module)
     if is_fx_tracing() or not (mask.requires_grad and torch.is_grad_enabled()) or mask.device.type in ('cuda', 'meta'):
+        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
-    if not (is_compiling() or is_exporting()) and _cpu_kernel_supports(q, mask):
-        return PeripheralSdpaCpu.apply(q, k, v, mask, scale)
-    return checkpoint(F.scaled_dot_product_attention, q, k, v, mask, scale=scale)
+    if not (is_compiling() or is_exporting()) and _cpu_kernel_supports(qkv, mask):
+        return PeripheralSdpaCpu.apply(qkv, mask, scale)
+    return checkpoint(_unpacked_sdpa, qkv, mask, scale)
+
+
+def _unpacked_sdpa(qkv: torch.Tensor, mask: torch.Tensor, scale: float) -> torch.Tensor:
+    q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)

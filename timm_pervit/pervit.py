@@ -58,7 +58,7 @@ from ._attention import peripheral_sdpa
 from .checkpoint_io import state_dict_of
 from ._compat import (
     LOADS_SAFETENSORS_HUB_FILENAME, autocast_dtype, build_mlp, calculate_drop_path_rates, checkpoint, get_device_dtype,
-    is_compiling, is_exporting)
+    is_compiling, is_exporting, is_fx_tracing)
 from .paper import OFFICIAL_URL, PAPER_ID, PAPER_NAME, PAPER_RESULTS
 
 __all__ = [
@@ -144,7 +144,35 @@ class ConvBnReLU(nn.Module):
         self.bn = nn.BatchNorm2d(out_chs, **(bn_kwargs or {}), **dd)
         self.act = nn.ReLU(inplace=True)
 
+    @torch.jit.unused
+    def _folds_norm(self) -> bool:
+        """Whether this call may fold the BatchNorm into the conv: eval mode, running statistics, both modules plain
+        (no hooks, their own or global, or parametrizations that a direct call would skip), no graph traced for
+        export."""
+        bn = self.bn
+        return (not self.training and isinstance(bn, nn.BatchNorm2d) and bn.running_mean is not None
+                and bn.running_var is not None and self.conv.padding_mode == 'zeros'
+                and _is_plain(self.conv) and _is_plain(bn) and not (is_fx_tracing() or is_exporting())
+                and not _global_hooks())
+
+    @torch.jit.unused
+    def _forward_folded(self, x: torch.Tensor) -> torch.Tensor:
+        # In eval mode the BatchNorm is a per-channel affine map: folded into the conv's weights (a few thousand
+        # values per call, differentiable) it saves a pass over the stem's largest activations (docs/benchmarks.md).
+        # Computed per call, so it can never go stale.
+        bn, conv = self.bn, self.conv
+        scale = torch.rsqrt(bn.running_var + bn.eps)
+        if bn.weight is not None:
+            scale = scale * bn.weight
+        bias = -bn.running_mean if conv.bias is None else conv.bias - bn.running_mean
+        bias = bias * scale if bn.bias is None else torch.addcmul(bn.bias, bias, scale)
+        weight = conv.weight * scale.reshape(-1, 1, 1, 1).to(conv.weight.dtype)
+        x = F.conv2d(x, weight, bias.to(weight.dtype), conv.stride, conv.padding, conv.dilation, conv.groups)
+        return self.act(x)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not torch.jit.is_scripting() and self._folds_norm():
+            return self._forward_folded(x)
         return self.act(self.bn(self.conv(x)))
 
 
@@ -789,16 +817,15 @@ class PeripheralAttention(nn.Module):
             pos_log: ``log(phi_p)`` of this block, (H, N, N).
         """
         B, N, C = x.shape
-        qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
-        q, k, v = qkv.unbind(0)
-        if self.fused_attn:
+        qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim)
+        if self.fused_attn and not torch.jit.is_scripting():
             # a 4-D (1, H, N, N) mask: with a 3-D one the CPU dispatcher falls back to the slower math kernel
-            mask = pos_log.to(q.dtype).unsqueeze(0)
-            if torch.jit.is_scripting():
-                x = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.scale)
-            else:
-                x = peripheral_sdpa(q, k, v, mask, self.scale)
+            x = peripheral_sdpa(qkv, pos_log.to(qkv.dtype).unsqueeze(0), self.scale)
+        elif self.fused_attn:
+            q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
+            x = F.scaled_dot_product_attention(q, k, v, attn_mask=pos_log.to(q.dtype).unsqueeze(0), scale=self.scale)
         else:
+            q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
             # the official formula: L1-normalized phi_p * exp(logits - rowmax), eps 1e-12
             attn = (q @ k.transpose(-2, -1)) * self.scale
             attn = torch.exp(attn - attn.amax(dim=-1, keepdim=True)) * torch.exp(pos_log).to(attn.dtype)
