@@ -1,4 +1,4 @@
-"""Profile for docs/benchmarks.md: run as `python docs/profile_position_build.py` (CPU, 2 threads); prints the table quoted there."""
+"""Prints the profile quoted in docs/benchmarks.md (CPU, 2 threads); run from the repository root."""
 import timm, torch, timm_pervit  # noqa: F401
 from torch.profiler import ProfilerActivity, profile
 
