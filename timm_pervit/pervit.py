@@ -59,7 +59,7 @@ from ._attention import peripheral_sdpa
 from .checkpoint_io import state_dict_of
 from ._compat import (
     LOADS_SAFETENSORS_HUB_FILENAME, autocast_dtype, build_mlp, calculate_drop_path_rates, checkpoint, get_device_dtype,
-    is_compiling, is_exporting, is_fx_tracing)
+    is_compiling, is_exporting)
 from .paper import OFFICIAL_URL, PAPER_ID, PAPER_NAME, PAPER_RESULTS
 
 __all__ = [
@@ -134,6 +134,29 @@ def check_image_batch(x: torch.Tensor, in_chans: int, weight_dtype: Optional[tor
             f'(or the model with model.to({x.dtype}), or run under torch.autocast).')
 
 
+@register_notrace_function
+def conv_bn_eval(
+        x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], mean: Optional[torch.Tensor],
+        var: Optional[torch.Tensor], gamma: Optional[torch.Tensor], beta: Optional[torch.Tensor], eps: float,
+        stride: Tuple[int, int], padding: Tuple[int, int],
+) -> torch.Tensor:
+    """``BatchNorm_eval(conv2d(x, weight, bias))`` as one conv: eval-mode BatchNorm is a per-channel affine map, folded
+    into the conv's weight and bias (a few thousand values per call, differentiable).
+
+    One node in FX graphs (a registered notrace function; FX wraps only names without a leading underscore): a traced
+    model computes exactly what the eager one does and reads the BatchNorm's statistics when it runs, not when it was
+    traced.
+    """
+    assert mean is not None and var is not None
+    scale = torch.rsqrt(var + eps)
+    if gamma is not None:
+        scale = scale * gamma
+    shift = -mean if bias is None else bias - mean
+    shift = shift * scale if beta is None else torch.addcmul(beta, shift, scale)
+    weight = weight * scale.reshape(-1, 1, 1, 1).to(weight.dtype)
+    return F.conv2d(x, weight, shift.to(weight.dtype), stride, padding)
+
+
 class ConvBnReLU(nn.Module):
     """3x3 stride-2 convolution (with bias) -> BatchNorm2d -> ReLU, one step of the conv stem."""
 
@@ -148,27 +171,27 @@ class ConvBnReLU(nn.Module):
     @torch.jit.unused
     def _folds_norm(self) -> bool:
         """Whether this call may fold the BatchNorm into the conv: eval mode, running statistics, both modules plain
-        (no hooks, their own or global, or parametrizations that a direct call would skip), no graph traced for
-        export."""
-        bn = self.bn
-        return (not self.training and isinstance(bn, nn.BatchNorm2d) and bn.running_mean is not None
-                and bn.running_var is not None and self.conv.padding_mode == 'zeros'
-                and _is_plain(self.conv) and _is_plain(bn) and not (is_fx_tracing() or is_exporting())
-                and not _global_hooks())
+        (no hooks, their own or global, or parametrizations that a direct call would skip), not traced for export.
+
+        FX tracing folds as well, so a traced eval model computes exactly what the eager one does (timm compares them
+        for equality); the checks read module attributes only, never traced values.
+        """
+        bn, conv = self.bn, self.conv
+        if self.training or not isinstance(bn, nn.BatchNorm2d) or bn.running_mean is None or bn.running_var is None:
+            return False
+        for m in (conv, bn):
+            if m._forward_hooks or m._forward_pre_hooks or m._backward_hooks or m._backward_pre_hooks \
+                    or isinstance(getattr(m, 'parametrizations', None), nn.ModuleDict):
+                return False
+        return conv.padding_mode == 'zeros' and conv.dilation == (1, 1) and conv.groups == 1 \
+            and not (is_exporting() or _global_hooks())
 
     @torch.jit.unused
     def _forward_folded(self, x: torch.Tensor) -> torch.Tensor:
-        # In eval mode the BatchNorm is a per-channel affine map: folded into the conv's weights (a few thousand
-        # values per call, differentiable) it saves a pass over the stem's largest activations (docs/benchmarks.md).
-        # Computed per call, so it can never go stale.
         bn, conv = self.bn, self.conv
-        scale = torch.rsqrt(bn.running_var + bn.eps)
-        if bn.weight is not None:
-            scale = scale * bn.weight
-        bias = -bn.running_mean if conv.bias is None else conv.bias - bn.running_mean
-        bias = bias * scale if bn.bias is None else torch.addcmul(bn.bias, bias, scale)
-        weight = conv.weight * scale.reshape(-1, 1, 1, 1).to(conv.weight.dtype)
-        x = F.conv2d(x, weight, bias.to(weight.dtype), conv.stride, conv.padding, conv.dilation, conv.groups)
+        x = conv_bn_eval(
+            x, conv.weight, conv.bias, bn.running_mean, bn.running_var, bn.weight, bn.bias, bn.eps, conv.stride,
+            conv.padding)
         return self.act(x)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
