@@ -1,7 +1,6 @@
 """Prints the profiles quoted in docs/benchmarks.md (CPU, 2 threads); run from the repository root (the file is not
 named profile.py: that would shadow the standard library module of that name, which torch imports).
 
-
     python docs/step_profile.py training         # one AdamW step of pervit_tiny, batch 32, 224 px
     python docs/step_profile.py position-build   # the position attention of a 448 px input (28 x 28 tokens), fwd + bwd
 """
