@@ -317,11 +317,11 @@ class _PositionWindows(torch.autograd.Function):
             y = _affine_relu(_windows(g, r0, r1 - r0, kh, kw), scale1[r0:r1], shift1[r0:r1])
             # channels-last input: the fast layout for a conv with this few channels; its output back to NCHW for
             # GroupNorm-2 (the queries of the chunk are its batch)
-            z = z_all[q]  # (Nc, H, h, w), written in place: one copy out of the channels-last conv output
-            z.copy_(F.conv2d(y.view(-1, kh, kw, c).permute(0, 3, 1, 2), weight2, bias2))
+            z = F.conv2d(y.view(-1, kh, kw, c).permute(0, 3, 1, 2), weight2, bias2).contiguous()  # (Nc, H, h, w)
             u, mean, rstd = torch.native_group_norm(z, gamma2, beta2, z.shape[0], heads, n, heads, eps2)
             # back to query order: window-start row r is query row h-1-r, and the columns run reversed
             out[:, h - r1:h - r0] = F.logsigmoid(u).view(r1 - r0, w, heads, n).flip(0, 1).permute(2, 0, 1, 3)
+            z_all[q] = z
             mean_all[q] = mean
             rstd_all[q] = rstd
         ctx.save_for_backward(g, scale1, shift1, weight2, gamma2, beta2, z_all, mean_all, rstd_all)
@@ -350,11 +350,11 @@ class _PositionWindows(torch.autograd.Function):
             q = slice(r0 * w, r1 * w)
             z, mean, rstd = z_all[q], mean_all[q], rstd_all[q]
             u = torch.native_group_norm(z, gamma2, beta2, z.shape[0], heads, n, heads, eps2)[0]  # recomputed
-            # d logsigmoid(u) / du = sigmoid(-u), in place on the recomputed u and on flip's fresh copy.
+            # d logsigmoid(u) / du = sigmoid(-u)
             # contiguous: called directly (not through autograd, which makes its inputs contiguous), the GroupNorm
             # backward kernel of torch 2.1 reads a strided gradient as if it were dense (wrong gradients, no error)
-            du = grad_out[:, h - r1:h - r0].permute(1, 2, 0, 3).flip(0, 1).contiguous().view(z.shape)
-            du.mul_(u.neg_().sigmoid_())
+            du = (grad_out[:, h - r1:h - r0].permute(1, 2, 0, 3).flip(0, 1).reshape(z.shape)
+                  * torch.sigmoid(-u)).contiguous()
             dz, dgamma, dbeta = torch.ops.aten.native_group_norm_backward(
                 du, z, mean, rstd, gamma2, z.shape[0], heads, n, heads, [True, need_gamma, need_beta])
             if grad_gamma is not None:
