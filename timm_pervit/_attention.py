@@ -116,13 +116,13 @@ def peripheral_sdpa(qkv: torch.Tensor, mask: torch.Tensor, scale: float) -> torc
     """
     # meta tensors hold no memory to save, and torch 2.1's checkpoint cannot run on them (no torch.meta module)
     if is_fx_tracing() or not (mask.requires_grad and torch.is_grad_enabled()) or mask.device.type in ('cuda', 'meta'):
-        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
+        return _unpacked_sdpa(qkv, mask, scale)
     if not (is_compiling() or is_exporting()) and _cpu_kernel_supports(qkv, mask):
         return PeripheralSdpaCpu.apply(qkv, mask, scale)
     return checkpoint(_unpacked_sdpa, qkv, mask, scale)
 
 
 def _unpacked_sdpa(qkv: torch.Tensor, mask: torch.Tensor, scale: float) -> torch.Tensor:
+    """``F.scaled_dot_product_attention`` on q, k, v unpacked (views) from ``qkv`` (B, N, 3, H, D)."""
     q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)

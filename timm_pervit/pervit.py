@@ -55,7 +55,7 @@ from timm.models import build_model_with_cfg, generate_default_cfgs, register_mo
 from timm.models import register_notrace_function, register_notrace_module
 from timm.models._features import feature_take_indices
 
-from ._attention import peripheral_sdpa
+from ._attention import _unpacked_sdpa, peripheral_sdpa
 from .checkpoint_io import state_dict_of
 from ._compat import (
     LOADS_SAFETENSORS_HUB_FILENAME, autocast_dtype, build_mlp, calculate_drop_path_rates, checkpoint, get_device_dtype,
@@ -179,12 +179,8 @@ class ConvBnReLU(nn.Module):
         bn, conv = self.bn, self.conv
         if self.training or not isinstance(bn, nn.BatchNorm2d) or bn.running_mean is None or bn.running_var is None:
             return False
-        for m in (conv, bn):
-            if m._forward_hooks or m._forward_pre_hooks or m._backward_hooks or m._backward_pre_hooks \
-                    or isinstance(getattr(m, 'parametrizations', None), nn.ModuleDict):
-                return False
         return conv.padding_mode == 'zeros' and conv.dilation == (1, 1) and conv.groups == 1 \
-            and not (is_exporting() or _global_hooks())
+            and _is_plain(conv) and _is_plain(bn) and not (is_exporting() or _global_hooks())
 
     @torch.jit.unused
     def _forward_folded(self, x: torch.Tensor) -> torch.Tensor:
@@ -842,12 +838,11 @@ class PeripheralAttention(nn.Module):
         """
         B, N, C = x.shape
         qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim)
+        # a 4-D (1, H, N, N) mask: with a 3-D one the CPU dispatcher falls back to the slower math kernel
         if self.fused_attn and not torch.jit.is_scripting():
-            # a 4-D (1, H, N, N) mask: with a 3-D one the CPU dispatcher falls back to the slower math kernel
             x = peripheral_sdpa(qkv, pos_log.to(qkv.dtype).unsqueeze(0), self.scale)
         elif self.fused_attn:
-            q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
-            x = F.scaled_dot_product_attention(q, k, v, attn_mask=pos_log.to(q.dtype).unsqueeze(0), scale=self.scale)
+            x = _unpacked_sdpa(qkv, pos_log.to(qkv.dtype).unsqueeze(0), self.scale)
         else:
             q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
             # the official formula: L1-normalized phi_p * exp(logits - rowmax), eps 1e-12
