@@ -273,11 +273,19 @@ def _windows(g: torch.Tensor, r0: int, rows: int, kh: int, kw: int) -> torch.Ten
     return g[r0:r0 + rows + kh - 1].unfold(0, kh, 1).unfold(1, kw, 1).permute(0, 1, 3, 4, 2)
 
 
-def _affine_relu(x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
-    """relu(x * scale + shift) per window and channel: x (R, w, kh, kw, C), scale, shift (R, w, C); dense result."""
-    y = torch.empty(x.shape, dtype=x.dtype, device=x.device)
-    torch.addcmul(shift[:, :, None, None, :], x, scale[:, :, None, None, :], out=y)
-    return y.relu_()
+def _per_window(t: torch.Tensor, kw: int) -> torch.Tensor:
+    """Per-window constants (R, w, C) repeated along the window columns: (R, w, 1, kw, C), dense.
+
+    Against windows (R, w, kh, kw, C), whose last two dims are contiguous in memory, the last two dims of every operand
+    then are too: the elementwise kernels run one long inner loop per window row instead of one per C channels.
+    """
+    return t[:, :, None, None, :].expand(-1, -1, 1, kw, -1).contiguous()
+
+
+def _affine_relu(x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """relu(x * scale + shift) into ``out``: x (R, w, kh, kw, C), scale and shift from ``_per_window``."""
+    torch.addcmul(shift, x, scale, out=out)
+    return out.relu_()
 
 
 class _PositionWindows(torch.autograd.Function):
@@ -303,21 +311,25 @@ class _PositionWindows(torch.autograd.Function):
         h, w, c = scale1.shape
         kh, kw, heads, n = h + 2, w + 2, weight2.shape[0], h * w
         rows = max(1, _PositionWindows.chunk_bytes // (w * kh * kw * c * g.element_size()))
-        out = torch.empty(heads, h, w, n, dtype=g.dtype, device=g.device)
-        z_all = torch.empty(h * w, heads, h, w, dtype=g.dtype, device=g.device)
-        mean_all = torch.empty(h * w, heads, dtype=g.dtype, device=g.device)
+        dd = dict(dtype=g.dtype, device=g.device)
+        out = torch.empty(heads, h, w, n, **dd)
+        z_all = torch.empty(h * w, heads, h, w, **dd)
+        mean_all = torch.empty(h * w, heads, **dd)
         rstd_all = torch.empty_like(mean_all)
+        y_buf = torch.empty(min(rows, h), w, kh, kw, c, **dd)  # one buffer for every chunk: no allocation per chunk
         for r0 in range(0, h, rows):
             r1 = min(h, r0 + rows)
             q = slice(r0 * w, r1 * w)
-            y = _affine_relu(_windows(g, r0, r1 - r0, kh, kw), scale1[r0:r1], shift1[r0:r1])
-            # channels-last input: the fast layout for a conv with this few channels; its output back to NCHW for
-            # GroupNorm-2 (the queries of the chunk are its batch)
-            z = F.conv2d(y.view(-1, kh, kw, c).permute(0, 3, 1, 2), weight2, bias2).contiguous()  # (Nc, H, h, w)
+            y = _affine_relu(
+                _windows(g, r0, r1 - r0, kh, kw), _per_window(scale1[r0:r1], kw), _per_window(shift1[r0:r1], kw),
+                y_buf[:r1 - r0])
+            # channels-last input: the fast layout for a conv with this few channels; its output goes back to NCHW,
+            # for GroupNorm-2 (the queries of the chunk are its batch), in the one copy into the saved tensor
+            z = z_all[q]
+            z.copy_(F.conv2d(y.view(-1, kh, kw, c).permute(0, 3, 1, 2), weight2, bias2))  # (Nc, H, h, w)
             u, mean, rstd = torch.native_group_norm(z, gamma2, beta2, z.shape[0], heads, n, heads, eps2)
             # back to query order: window-start row r is query row h-1-r, and the columns run reversed
             out[:, h - r1:h - r0] = F.logsigmoid(u).view(r1 - r0, w, heads, n).flip(0, 1).permute(2, 0, 1, 3)
-            z_all[q] = z
             mean_all[q] = mean
             rstd_all[q] = rstd
         ctx.save_for_backward(g, scale1, shift1, weight2, gamma2, beta2, z_all, mean_all, rstd_all)
@@ -341,6 +353,10 @@ class _PositionWindows(torch.autograd.Function):
         grad_b2 = torch.zeros(heads, dtype=weight2.dtype, device=weight2.device) if need_b2 else None
         grad_gamma = torch.zeros_like(gamma2) if need_gamma else None
         grad_beta = torch.zeros_like(beta2) if need_beta else None
+        # two buffers for every chunk, no allocation per chunk: the recomputed conv2 input, overwritten with the
+        # gradient of its pre-activation, and the product of that gradient with the windows
+        y_buf = torch.empty(min(rows, h), w, kh, kw, c, dtype=g.dtype, device=g.device)
+        prod_buf = torch.empty_like(y_buf) if need_scale else None
         for r0 in range(0, h, rows):
             r1 = min(h, r0 + rows)
             q = slice(r0 * w, r1 * w)
@@ -360,7 +376,8 @@ class _PositionWindows(torch.autograd.Function):
             if not (need_y or need_w2 or need_b2):
                 continue
             x = _windows(g, r0, r1 - r0, kh, kw)
-            y = _affine_relu(x, scale1[r0:r1], shift1[r0:r1])  # recomputed: cheaper than keeping it
+            scale = _per_window(scale1[r0:r1], kw)
+            y = _affine_relu(x, scale, _per_window(shift1[r0:r1], kw), y_buf[:r1 - r0])  # recomputed, not kept
             dy, dw2, db2 = torch.ops.aten.convolution_backward(
                 dz, y.view(-1, kh, kw, c).permute(0, 3, 1, 2), weight2, [heads], [1, 1], [0, 0], [1, 1], False,
                 [0, 0], 1, [need_y, need_w2, need_b2])
@@ -370,13 +387,14 @@ class _PositionWindows(torch.autograd.Function):
                 grad_b2 += db2
             if not need_y:
                 continue
-            dpre = torch.ops.aten.threshold_backward(dy.permute(0, 2, 3, 1).view(y.shape), y, 0)
+            dpre = torch.ops.aten.threshold_backward.grad_input(
+                dy.permute(0, 2, 3, 1).view(y.shape), y, 0, grad_input=y)
             if grad_shift is not None:
                 grad_shift[r0:r1] = dpre.sum((2, 3))
-            if grad_scale is not None:
-                grad_scale[r0:r1] = (dpre * x).sum((2, 3))
+            if grad_scale is not None and prod_buf is not None:
+                grad_scale[r0:r1] = torch.mul(dpre, x, out=prod_buf[:r1 - r0]).sum((2, 3))
             if grad_g is not None:
-                dx = dpre.mul_(scale1[r0:r1, :, None, None, :]).permute(0, 1, 4, 2, 3)  # (R, w, C, kh, kw)
+                dx = dpre.mul_(scale).permute(0, 1, 4, 2, 3)  # (R, w, C, kh, kw)
                 rows_in = r1 - r0 + kh - 1
                 dx = torch.ops.aten.unfold_backward(dx, [r1 - r0, g.shape[1], c, kh], 1, kw, 1)
                 grad_g[r0:r0 + rows_in] += torch.ops.aten.unfold_backward(dx, [rows_in, g.shape[1], c], 0, kh, 1)
