@@ -263,8 +263,8 @@ def test_torch_compile_fullgraph():
 @pytest.mark.slow
 def test_torch_compile_dynamic_token_grid():
     """Inductor with symbolic token-grid sizes, as after a recompile for a new input size (automatic dynamic shapes):
-    the position attention, which a fullgraph=True graph recomputes in every call, builds once for two grids and
-    matches eager. torch 2.4 emitted C++ for its GroupNorms that did not build (``max(double, long)``)."""
+    the position attention, which a fullgraph=True graph recomputes in every call, compiled once with symbolic sizes,
+    matches eager at two grids. torch 2.4 emitted C++ for its GroupNorms that did not build (``max(double, long)``)."""
     pos = make_micro().eval().pos_attn
     compiled = torch.compile(pos.compute, dynamic=True, fullgraph=True)
     with torch.no_grad():
