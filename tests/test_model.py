@@ -261,6 +261,19 @@ def test_torch_compile_fullgraph():
 
 
 @pytest.mark.slow
+def test_torch_compile_dynamic_token_grid():
+    """Inductor with symbolic token-grid sizes, as after a recompile for a new input size (automatic dynamic shapes):
+    the position attention, which a fullgraph=True graph recomputes in every call, compiled once with symbolic sizes,
+    matches eager at two grids. torch 2.4 emitted C++ for its GroupNorms that did not build (``max(double, long)``)."""
+    pos = make_micro().eval().pos_attn
+    compiled = torch.compile(pos.compute, dynamic=True, fullgraph=True)
+    with torch.no_grad():
+        for h, w in [(4, 6), (3, 5)]:
+            for got, ref in zip(compiled(h, w), pos.compute(h, w)):
+                torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.slow
 def test_torch_export():
     model = make_micro().eval()
     x = torch.randn(2, 3, 64, 96)

@@ -262,6 +262,24 @@ _graph_breaks_allowed = _assume_constant_result(_graph_breaks_allowed)
 _compiler_disable = getattr(torch.compiler, 'disable', None) or torch._dynamo.disable
 
 
+def _group_norm(norm: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """``norm(x)`` for a position GroupNorm on (Nq, C, h, w); while dynamo traces, a plain one-channel-per-group
+    GroupNorm is written out as means.
+
+    Why: inductor of torch 2.4 lowers GroupNorm's variance to a Welford reduction divided by ``max(0, numel)``; when
+    the numel is symbolic and not provably non-negative (the padded key grid of a token grid that came from floor
+    divisions, under dynamic shapes) it emits ``std::max(0.0, <long>)``, C++ that does not build. Means divide by the
+    numel itself. Eager calls, and norms with hooks or parametrizations, run the module as such.
+    """
+    if (is_compiling() and type(norm) is nn.GroupNorm and norm.num_groups == norm.num_channels and norm.affine
+            and _is_plain(norm) and not _global_hooks()):
+        mean = x.mean((2, 3), keepdim=True)
+        d = x - mean
+        var = (d * d).mean((2, 3), keepdim=True)
+        return d * torch.rsqrt(var + norm.eps) * norm.weight[:, None, None] + norm.bias[:, None, None]
+    return norm(x)
+
+
 def _box_sums(x: torch.Tensor, kh: int, kw: int) -> torch.Tensor:
     """Sums of every kh x kw window of x (..., A, B) -> (..., A-kh+1, B-kw+1), from an integral image."""
     c = F.pad(x.cumsum(-2).cumsum(-1), (1, 0, 1, 0))
@@ -455,8 +473,10 @@ class PositionConvNet(nn.Module):
         else:
             # called as a module: its hooks, pruning masks and parametrizations apply
             x = self.conv1(x)
-        x = F.relu(self.norm1(x))
-        x = self.norm2(self.conv2(x))
+        if torch.jit.is_scripting():
+            x = self.norm2(self.conv2(F.relu(self.norm1(x))))
+        else:
+            x = _group_norm(self.norm2, self.conv2(F.relu(_group_norm(self.norm1, x))))
         return F.logsigmoid(x)
 
     @torch.jit.unused
