@@ -561,6 +561,35 @@ def test_stem_batchnorm_folded_into_the_conv_in_eval_mode():
         assert any('batch_norm' in op for op in _aten_ops(lambda: model._stem(image)))
 
 
+def test_inference_mlp_runs_in_place():
+    """At inference without autograd each block runs GELU in place over fc1's output and adds the residual into fc2's
+    output: bit for bit what the modules called one by one compute. With autograd on, in train mode, or with a hook on
+    a part that could keep a reference to those tensors, the modules run as they are."""
+    from timm_pervit.pervit import PerViTBlock
+    model = make_micro().eval()
+    x = torch.randn(2, 3, 64, 96)
+
+    def in_place_gelus(fn):
+        return sum(op.startswith('gelu_.') for op in _aten_ops(fn))
+
+    with torch.no_grad():
+        assert in_place_gelus(lambda: model(x)) == len(model.blocks)
+        fast = model(x)
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(PerViTBlock, '_mlp_in_place', lambda self: False)
+            assert in_place_gelus(lambda: model(x)) == 0
+            assert torch.equal(fast, model(x))
+        kept = []
+        handle = model.blocks[0].mlp.fc1.register_forward_hook(lambda m, a, out: kept.append((out, out.clone())))
+        assert in_place_gelus(lambda: model(x)) == len(model.blocks) - 1
+        handle.remove()
+        assert torch.equal(*kept[0]), "a hook's reference to fc1's output was overwritten"
+        model.train()
+        assert in_place_gelus(lambda: model(x)) == 0
+        model.eval()
+    assert in_place_gelus(lambda: model(x).sum().backward()) == 0
+
+
 def test_position_windows_function_gradcheck():
     """The training build of the position attention (``_PositionWindows``, an autograd Function calling aten kernels
     directly) passes gradcheck for every input, with one query row per chunk and with all rows in one chunk. (On

@@ -59,7 +59,7 @@ from ._attention import _unpacked_sdpa, peripheral_sdpa
 from .checkpoint_io import state_dict_of
 from ._compat import (
     LOADS_SAFETENSORS_HUB_FILENAME, autocast_dtype, build_mlp, calculate_drop_path_rates, checkpoint, get_device_dtype,
-    is_compiling, is_exporting)
+    is_compiling, is_exporting, is_fx_tracing)
 from .paper import OFFICIAL_URL, PAPER_ID, PAPER_NAME, PAPER_RESULTS
 
 __all__ = [
@@ -939,11 +939,37 @@ class PerViTBlock(nn.Module):
             nn.init.ones_(m.weight)
             nn.init.zeros_(m.bias)
 
+    @torch.jit.unused
+    def _mlp_in_place(self) -> bool:
+        """Whether this call may run the MLP branch on its own fresh tensors in place: GELU over fc1's output and the
+        residual added into fc2's output (two activation-sized allocations fewer per block).
+
+        Only at inference without autograd (eval mode, grad disabled), never while traced or compiled, and only when
+        nothing could hold a reference to those tensors or expect the bypassed module calls: the stock timm ``Mlp``
+        with a stock GELU, identity norm, and no hooks on it or its parts (fc1 and fc2 still run as modules).
+        """
+        if self.training or torch.is_grad_enabled() or is_fx_tracing() or is_compiling() or is_exporting():
+            return False
+        mlp = self.mlp
+        if type(mlp) is not Mlp or type(mlp.act) is not nn.GELU or not isinstance(mlp.norm, nn.Identity):
+            return False
+        parts = (mlp, mlp.fc1, mlp.act, mlp.drop1, mlp.norm, mlp.fc2, mlp.drop2, self.drop_path2)
+        return all(_is_plain(m) for m in parts) and not _global_hooks()
+
+    @torch.jit.unused
+    def _forward_mlp_in_place(self, x: torch.Tensor) -> torch.Tensor:
+        mlp = self.mlp
+        hidden = mlp.fc1(self.norm2(x))
+        torch.ops.aten.gelu_(hidden, approximate=mlp.act.approximate)
+        return mlp.fc2(hidden).add_(self.shortcut(x))
+
     def forward(self, x: torch.Tensor, pos_log: torch.Tensor) -> torch.Tensor:
         B, H, W, C = x.shape
         y = self.dwconv(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
         y = self.attn(self.norm1(y).reshape(B, H * W, C), pos_log).reshape(B, H, W, C)
         x = x + self.drop_path1(y)
+        if not torch.jit.is_scripting() and self._mlp_in_place():
+            return self._forward_mlp_in_place(x)
         x = self.shortcut(x) + self.drop_path2(self.mlp(self.norm2(x)))
         return x
 
