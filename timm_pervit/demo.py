@@ -564,8 +564,6 @@ def _check_reloads(
     Raises:
         RuntimeError: When a reloaded model predicts differently.
     """
-    import timm
-
     reloads = {}
     reloaded = create_model_from_folder(folder)
     reloads['timm local-dir'] = evaluate(reloaded, x_test)
