@@ -29,7 +29,8 @@ Beyond the official implementation, this one:
   recomputes it with gradients in training;
 * builds it through the key-query offset grid: the distance projection and the first position conv run once per
   offset instead of once per query and key, the first GroupNorm's statistics come from integral images (exact);
-* folds the stem's BatchNorms into their convs at inference (recomputed per call from the current values);
+* folds the stem's BatchNorms into their convs at inference (recomputed per call from the current values) and runs
+  the MLP's GELU and residual add in place there (without autograd, on plain modules only);
 * implements the full timm model API (features, intermediates, grad checkpointing, layer-decay groups, ...).
 
 Written for timm by the timm-pervit authors from the paper and the facts of the official release. Apache-2.0.
