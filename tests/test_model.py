@@ -587,6 +587,10 @@ def test_inference_mlp_runs_in_place():
         model.train()
         assert in_place_gelus(lambda: model(x)) == 0
         model.eval()
+        # Monte Carlo dropout: an eval model with the MLP's dropout switched back on keeps it in that block
+        mc = make_micro(proj_drop_rate=0.5).eval()
+        mc.blocks[0].mlp.drop1.train()
+        assert in_place_gelus(lambda: mc(x)) == len(mc.blocks) - 1
     assert in_place_gelus(lambda: model(x).sum().backward()) == 0
 
 

@@ -947,7 +947,8 @@ class PerViTBlock(nn.Module):
 
         Only at inference without autograd (eval mode, grad disabled), never while traced or compiled, and only when
         nothing could hold a reference to those tensors or expect the bypassed module calls: the stock timm ``Mlp``
-        with a stock GELU, identity norm, and no hooks on it or its parts (fc1 and fc2 still run as modules).
+        with a stock GELU, identity norm, and no hooks on it or its parts (fc1 and fc2 still run as modules), every
+        part in eval mode (Monte Carlo dropout switches the dropouts of an eval model back to train mode).
         """
         if self.training or torch.is_grad_enabled() or is_fx_tracing() or is_compiling() or is_exporting():
             return False
@@ -955,7 +956,7 @@ class PerViTBlock(nn.Module):
         if type(mlp) is not Mlp or type(mlp.act) is not nn.GELU or not isinstance(mlp.norm, nn.Identity):
             return False
         parts = (mlp, mlp.fc1, mlp.act, mlp.drop1, mlp.norm, mlp.fc2, mlp.drop2, self.drop_path2)
-        return all(_is_plain(m) for m in parts) and not _global_hooks()
+        return all(not m.training and _is_plain(m) for m in parts) and not _global_hooks()
 
     @torch.jit.unused
     def _forward_mlp_in_place(self, x: torch.Tensor) -> torch.Tensor:
