@@ -84,7 +84,8 @@ def time_linears(shapes) -> float:
     return total
 
 
-step(ours), step(official)  # warm-up; at inference this also builds the position attention both models keep
+for m in (ours, official):  # warm-up; at inference this also builds the position attention both models keep
+    step(m)
 shapes = linear_shapes()
 linear_flops = sum(2 * r * k * n for r, k, n, _ in shapes) * (3 if train else 1)
 macs = {name: count_macs(lambda: forward_backward(m)) for name, m in (('ours', ours), ('official', official))}

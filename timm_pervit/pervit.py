@@ -263,6 +263,11 @@ _graph_breaks_allowed = _assume_constant_result(_graph_breaks_allowed)
 _compiler_disable = getattr(torch.compiler, 'disable', None) or torch._dynamo.disable
 
 
+def _is_plain_channel_norm(m: nn.Module) -> bool:
+    """A stock affine GroupNorm with one channel per group and nothing attached (hooks, parametrizations)."""
+    return type(m) is nn.GroupNorm and m.num_groups == m.num_channels and m.affine and _is_plain(m)
+
+
 def _group_norm(norm: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """``norm(x)`` for a position GroupNorm on (Nq, C, h, w); while dynamo traces, a plain one-channel-per-group
     GroupNorm is written out as means.
@@ -272,8 +277,7 @@ def _group_norm(norm: nn.Module, x: torch.Tensor) -> torch.Tensor:
     divisions, under dynamic shapes) it emits ``std::max(0.0, <long>)``, C++ that does not build. Means divide by the
     numel itself. Eager calls, and norms with hooks or parametrizations, run the module as such.
     """
-    if (is_compiling() and type(norm) is nn.GroupNorm and norm.num_groups == norm.num_channels and norm.affine
-            and _is_plain(norm) and not _global_hooks()):
+    if is_compiling() and _is_plain_channel_norm(norm) and not _global_hooks():
         mean = x.mean((2, 3), keepdim=True)
         d = x - mean
         var = (d * d).mean((2, 3), keepdim=True)
@@ -518,9 +522,7 @@ class PositionConvNet(nn.Module):
         convs = all(
             type(c) is nn.Conv2d and c.kernel_size == (3, 3) and c.stride == (1, 1) and c.padding == (0, 0)
             and c.dilation == (1, 1) and c.groups == 1 and c.bias is not None and _is_plain(c) for c in (c1, c2))
-        norms = all(
-            type(m) is nn.GroupNorm and m.num_groups == m.num_channels and m.affine and _is_plain(m)
-            for m in (n1, n2))
+        norms = _is_plain_channel_norm(n1) and _is_plain_channel_norm(n2)
         return convs and norms and _is_plain(self)
 
 
