@@ -15,7 +15,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from timm_pervit import _attention, _compat
+from timm_pervit import _compat
+from timm_pervit.layers import attention as _attention
 
 from .conftest import MICRO_KWARGS, make_micro
 

@@ -159,3 +159,89 @@ def test_inference_mode_entries_do_not_leak_into_grad_mode():
     out[0, 3].backward()
     assert x.grad is not None and x.grad.abs().sum() > 0
     torch.testing.assert_close(out.detach(), ref, rtol=0, atol=0)
+
+
+def test_grid_larger_than_the_cache_is_built_block_by_block_and_said_once(caplog):
+    """A grid whose position attention does not fit ``pos_cache_bytes`` is built one block at a time as the blocks
+    use it (peak: one block, not the whole model's), with one logged warning naming the grid, the bytes and the
+    setting; the result equals the cached model's."""
+    from timm_pervit.layers.position import PositionConvNet
+    roomy, tight = make_micro().eval(), make_micro(pos_cache_bytes=1).eval()
+    tight.load_state_dict(roomy.state_dict())
+    x = torch.randn(1, 3, 64, 80)
+    with torch.no_grad():
+        ref_pos = roomy.pos_attn(4, 5)
+    calls = []
+    original = PositionConvNet.forward_offsets
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(PositionConvNet, 'forward_offsets', lambda self, *a: calls.append(self) or original(self, *a))
+        with torch.no_grad(), caplog.at_level('WARNING', logger='timm_pervit'):
+            pos = tight.pos_attn(4, 5)
+            assert len(pos) == len(tight.blocks) and calls == []  # nothing built before a block asks for it
+            assert torch.equal(pos[3], ref_pos[3]) and calls == [tight.pos_attn.blocks[3]]
+            outs = [tight(x) for _ in range(2)]
+    warnings = [r.getMessage() for r in caplog.records if 'cache bound' in r.getMessage()]
+    assert len(warnings) == 1 and '4x5 token grid' in warnings[0] and 'pos_cache_bytes' in warnings[0]
+    assert tight.pos_attn.cache_info()['entries'] == 0
+    with torch.no_grad():
+        ref = roomy(x)
+    for out in outs:
+        torch.testing.assert_close(out, ref, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize('mode', ['eval', 'train'])
+def test_an_input_beyond_the_block_bound_is_refused_before_allocating(mode):
+    """A 3008 x 3008 image: one block's position attention alone would take 9.8 GB, over the default 8 GiB bound;
+    the error names the grid, the bytes and the setting, and comes before the position attention is built."""
+    from timm_pervit.layers import PositionMemoryError
+    model = make_micro()
+    getattr(model, mode)()
+    x = torch.randn(1, 3, 3008, 3008)
+    with pytest.raises(PositionMemoryError, match=r'188x188 token grid.*9\.3 GiB.*pos_max_block_bytes'):
+        with torch.no_grad():
+            model(x)
+    small = make_micro(pos_max_block_bytes=1000).eval()
+    with pytest.raises(PositionMemoryError, match='pos_max_block_bytes=1000'):
+        small(torch.randn(1, 3, 64, 64))
+
+
+def test_a_forked_child_does_not_inherit_a_held_cache_lock():
+    """A fork while another thread holds the cache lock (a background inference thread plus DataLoader fork
+    workers): the child gets a lock and a cache of its own and runs."""
+    import multiprocessing
+    import threading
+    model = make_micro().eval()
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        ref = model(x)
+    held, release = threading.Event(), threading.Event()
+
+    def hold():
+        with model.pos_attn._lock():  # what a thread inside the cache's bookkeeping holds
+            held.set()
+            release.wait(60)
+
+    thread = threading.Thread(target=hold)
+    thread.start()
+    held.wait(10)
+    try:
+        ctx = multiprocessing.get_context('fork')
+        queue = ctx.Queue()
+        child = ctx.Process(target=_child_inference, args=(model, x, queue))
+        child.start()
+        child.join(60)
+        alive = child.is_alive()
+        if alive:
+            child.kill()
+    finally:
+        release.set()
+        thread.join()
+    assert not alive, 'the forked child blocked on the cache lock'
+    assert child.exitcode == 0
+    torch.testing.assert_close(queue.get(timeout=10), ref, rtol=0, atol=0)
+
+
+def _child_inference(model, x, queue):
+    torch.set_num_threads(1)  # as DataLoader workers do: torch's thread pool does not survive a fork
+    with torch.no_grad():
+        queue.put(model(x))

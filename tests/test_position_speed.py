@@ -2,6 +2,8 @@
 import pytest
 import torch
 
+from timm_pervit.layers import gates
+
 from .conftest import make_micro
 
 
@@ -89,14 +91,14 @@ def test_offset_grid_build_matches_the_reference_with_gradients(grid, chunk_byte
 
     Chunks of one row of queries, of two (an uneven last chunk for 3 rows), and the default (all rows at once here).
     """
-    from timm_pervit.pervit import _PositionWindows
+    from timm_pervit.layers.position import _PositionWindows
     from timm_pervit.reference import official_position_attention
     if chunk_bytes is not None:
         monkeypatch.setattr(_PositionWindows, 'chunk_bytes', chunk_bytes)
     h, w = grid
     model = _perturbed_micro()
     pos = model.pos_attn
-    assert pos._offsets_path(len(pos.blocks))  # the plain model takes the offset-grid path
+    assert gates.use_offset_build(pos, len(pos.blocks))  # the plain model takes the offset-grid path
     fast = torch.stack(pos.compute(h, w))
     cotangent = torch.randn_like(fast)
     (fast * cotangent).sum().backward()
@@ -119,7 +121,7 @@ def test_training_step_same_with_and_without_the_offset_grid_path():
         handle = torch.nn.modules.module.register_module_forward_hook(lambda m, i, o: None) if force_modules \
             else None
         try:
-            assert model.pos_attn._offsets_path(len(model.blocks)) is not force_modules
+            assert gates.use_offset_build(model.pos_attn, len(model.blocks)) is not force_modules
             out = model(x)
             out.square().mean().backward()
         finally:

@@ -1,20 +1,24 @@
 """The fused peripheral attention kernel: ``softmax(q k^T * scale + mask) v`` with a mask that may need a gradient.
 
-``peripheral_sdpa`` is the one entry point ``PeripheralAttention`` calls. It runs ``F.scaled_dot_product_attention``
-unless the additive mask (the log position attention) needs a gradient off CUDA: there SDPA would fall back to its
-math kernel and keep every block's (B, H, N, N) attention for backward. Then it uses, on CPU, ``PeripheralSdpaCpu``
-(the CPU flash kernel forward plus a one-pass backward that also returns the mask's gradient), and elsewhere
-(compiling, exporting, other devices, torch builds without the CPU flash op) SDPA under non-re-entrant activation
-checkpointing, which recomputes the attention in backward instead of keeping it.
+``peripheral_sdpa`` is the one entry point ``PeripheralAttention`` calls; ``gates.attention_path`` picks its kernel.
+Where the additive mask (the log position attention) needs a gradient off CUDA, SDPA would fall back to its math
+kernel and keep every block's (B, H, N, N) attention for backward. Then it uses, on CPU, ``PeripheralSdpaCpu`` (the
+CPU flash kernel forward plus a one-pass backward that also returns the mask's gradient), and elsewhere (compiling,
+exporting, torch builds without the CPU flash op) SDPA under non-re-entrant activation checkpointing. Under
+``torch.func`` transforms and forward-mode AD the explicit softmax formula runs.
 """
 from typing import Any, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
 
-from ._compat import checkpoint, is_compiling, is_exporting, is_fx_tracing
+from timm.models import register_notrace_function
 
-__all__ = ['peripheral_sdpa', 'PeripheralSdpaCpu']
+from .._compat import checkpoint
+from .gates import attention_path
+
+__all__ = ['peripheral_sdpa', 'PeripheralSdpaCpu', 'math_attention', 'unpacked_sdpa', 'cpu_kernel_supports', 'differentiable_grads']
+
 
 class PeripheralSdpaCpu(torch.autograd.Function):
     """``softmax(q k^T * scale + mask) v`` on CPU with a gradient for the mask and O(N) saved activations.
@@ -41,11 +45,14 @@ class PeripheralSdpaCpu(torch.autograd.Function):
         return out
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
     def backward(ctx: Any, grad_out: torch.Tensor) -> Tuple[Optional[torch.Tensor], ...]:
         qkv, mask, out, lse = ctx.saved_tensors
         scale = ctx.scale
         need_qkv, need_mask, _ = ctx.needs_input_grad
+        if torch.is_grad_enabled():
+            # autograd records this backward (create_graph=True: gradient penalties, second-order methods): the
+            # gradients of the explicit formula, themselves differentiable
+            return differentiable_grads(math_attention, (qkv, mask), (need_qkv, need_mask), grad_out, scale) + (None,)
         B, N, _, H, D = qkv.shape
         # low-precision inputs are promoted: the softmax and its gradient are computed in float32 (or float64), also
         # when backward is called under autocast
@@ -85,7 +92,19 @@ class PeripheralSdpaCpu(torch.autograd.Function):
         return grad_qkv, grad_mask.to(mask.dtype) if grad_mask is not None else None, None
 
 
-def _cpu_kernel_supports(qkv: torch.Tensor, mask: torch.Tensor) -> bool:
+def differentiable_grads(
+        fn: Any, inputs: Tuple[torch.Tensor, ...], needs: Tuple[bool, ...], grad_out: torch.Tensor, *args: Any,
+) -> Tuple[Optional[torch.Tensor], ...]:
+    """Gradients of ``fn(*inputs, *args)`` for the inputs in ``needs``, recorded by autograd (a custom Function's
+    backward under ``create_graph=True``): the saved inputs carry their history, so the result is differentiable."""
+    with torch.enable_grad():
+        out = fn(*inputs, *args)
+    wanted = [t for t, need in zip(inputs, needs) if need]
+    grads = iter(torch.autograd.grad(out, wanted, grad_out, create_graph=True, allow_unused=True) if wanted else ())
+    return tuple(next(grads) if need else None for need in needs)
+
+
+def cpu_kernel_supports(qkv: torch.Tensor, mask: torch.Tensor) -> bool:
     """Whether ``PeripheralSdpaCpu`` can take this call (eager CPU, a dtype and mask layout of the CPU flash op)."""
     return _HAS_CPU_FLASH and qkv.device.type == 'cpu' and qkv.dtype == mask.dtype \
         and qkv.dim() == 5 and mask.dim() == 4 and mask.shape[0] == 1 \
@@ -108,21 +127,39 @@ def _cpu_flash_takes_mask() -> bool:
 _HAS_CPU_FLASH = _cpu_flash_takes_mask()
 
 
-def peripheral_sdpa(qkv: torch.Tensor, mask: torch.Tensor, scale: float) -> torch.Tensor:
+@register_notrace_function  # one FX node: a traced model picks its kernel when it runs, as the eager one does
+def peripheral_sdpa(qkv: torch.Tensor, mask: torch.Tensor, scale: float, fast: bool = True) -> torch.Tensor:
     """``softmax(q k^T * scale + mask) v`` for the packed projection ``qkv`` (B, N, 3, H, D) and an additive mask
     (1, H, N, N); returns (B, H, N, D).
 
-    Gradients reach qkv and the mask (when it requires grad) on every path; see the module docstring.
+    Gradients reach qkv and the mask (when it requires grad) on every path, also second-order ones; ``fast=False``
+    takes the plain path (SDPA as such). See the module docstring and ``gates.attention_path``.
     """
-    # meta tensors hold no memory to save, and torch 2.1's checkpoint cannot run on them (no torch.meta module)
-    if is_fx_tracing() or not (mask.requires_grad and torch.is_grad_enabled()) or mask.device.type in ('cuda', 'meta'):
-        return _unpacked_sdpa(qkv, mask, scale)
-    if not (is_compiling() or is_exporting()) and _cpu_kernel_supports(qkv, mask):
+    if torch.jit.is_scripting():
+        return unpacked_sdpa(qkv, mask, scale)
+    return _dispatch(qkv, mask, scale, fast)
+
+
+@torch.jit.unused
+def _dispatch(qkv: torch.Tensor, mask: torch.Tensor, scale: float, fast: bool) -> torch.Tensor:
+    path = attention_path(qkv, mask, fast)
+    if path == 'math':
+        return math_attention(qkv, mask, scale)
+    if path == 'cpu_kernel':
         return PeripheralSdpaCpu.apply(qkv, mask, scale)
-    return checkpoint(_unpacked_sdpa, qkv, mask, scale)
+    if path == 'checkpointed_sdpa':
+        return checkpoint(unpacked_sdpa, qkv, mask, scale)
+    return unpacked_sdpa(qkv, mask, scale)
 
 
-def _unpacked_sdpa(qkv: torch.Tensor, mask: torch.Tensor, scale: float) -> torch.Tensor:
+def math_attention(qkv: torch.Tensor, mask: torch.Tensor, scale: float) -> torch.Tensor:
+    """The explicit ``softmax(q k^T * scale + mask) v``: plain autograd ops, every transform and derivative order."""
+    q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
+    attn = torch.softmax((q @ k.transpose(-2, -1)) * scale + mask, dim=-1)
+    return attn @ v
+
+
+def unpacked_sdpa(qkv: torch.Tensor, mask: torch.Tensor, scale: float) -> torch.Tensor:
     """``F.scaled_dot_product_attention`` on q, k, v unpacked (views) from ``qkv`` (B, N, 3, H, D)."""
     q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
