@@ -238,10 +238,10 @@ def test_a_forked_child_does_not_inherit_a_held_cache_lock():
         thread.join()
     assert not alive, 'the forked child blocked on the cache lock'
     assert child.exitcode == 0
-    torch.testing.assert_close(queue.get(timeout=10), ref, rtol=0, atol=0)
+    torch.testing.assert_close(torch.tensor(queue.get(timeout=10)), ref, rtol=0, atol=0)
 
 
 def _child_inference(model, x, queue):
     torch.set_num_threads(1)  # as DataLoader workers do: torch's thread pool does not survive a fork
     with torch.no_grad():
-        queue.put(model(x))
+        queue.put(model(x).tolist())  # plain numbers: a shared tensor would die with the child
