@@ -24,13 +24,12 @@ an additive mask (``fused_attn``); the first, explicit form of the official code
 
 Beyond the official implementation, this one:
 * works at any input size >= 32 px per side: the position grid follows the token grid (see ``PeripheralPosition``);
-* caches the input-independent position attention at inference (keyed on grid, device, dtype, autocast state and
-  the values of the position parameters, so it can never be stale; also reused by torch.compile'd models) and
-  recomputes it with gradients in training;
-* builds it through the key-query offset grid: the distance projection and the first position conv run once per
-  offset instead of once per query and key, the first GroupNorm's statistics come from integral images (exact);
-* folds the stem's BatchNorms into their convs at inference (recomputed per call from the current values) and runs
-  the MLP's GELU and residual add in place there (without autograd, on plain modules only);
+* caches the input-independent position attention whenever autograd needs none of its gradients (keyed on grid,
+  device, dtype, autocast state and the values of the position parameters, so it can never be stale), builds it
+  through the key-query offset grid, folds the stem's BatchNorms into their convs where they use running statistics
+  and runs the MLP in place without autograd; each of these fast paths runs only where its gate in
+  ``timm_pervit.layers.gates`` holds (``fast_paths=False`` turns them all off). The position engine lives in
+  ``timm_pervit.layers.position``;
 * implements the full timm model API (features, intermediates, grad checkpointing, layer-decay groups, ...).
 
 Written for timm by the timm-pervit authors from the paper and the facts of the official release. Apache-2.0.
