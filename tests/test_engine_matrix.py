@@ -566,3 +566,19 @@ def test_quantized_and_subclassed_modules_take_the_plain_paths():
         assert not gates.use_folded_projection(q.pos_attn, q.pos_attn.blocks[0])
         assert not any(gates.use_inplace_mlp(blk, x) for blk in q.blocks)
         assert F.softmax(q(x), -1).sum(-1).allclose(torch.ones(x.shape[0]))
+
+
+def test_readme_example_runs():
+    """The README's example of this section, run as written: eval-mode gradients reach the position encoder."""
+    import pathlib
+    import re
+    import timm
+    readme = (pathlib.Path(__file__).parent.parent / 'README.md').read_text(encoding='utf-8')
+    section = readme.split('## What you can do to the model', 1)[1]
+    code = re.search(r'```python\n(.*?)```', section, re.S).group(1)
+    scope = {'timm': timm, 'torch': torch}
+    exec(code, scope)  # noqa: S102 - the project's own README
+    model = scope['model']
+    assert all(p.grad is not None for p in model.pos_attn.parameters())
+    assert model.pos_attn.cache_info()['entries'] == 1 and scope['logits'].shape == (1, 1000)
+    assert scope['plain'].fast_paths is False
