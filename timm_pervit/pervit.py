@@ -57,7 +57,7 @@ from timm.models import register_notrace_function, register_notrace_module
 from timm.models._features import feature_take_indices
 
 from ._attention import _unpacked_sdpa, peripheral_sdpa
-from .checkpoint_io import state_dict_of
+from .checkpoint_io import check_floating_point, state_dict_of
 from ._compat import (
     LOADS_SAFETENSORS_HUB_FILENAME, autocast_dtype, build_mlp, calculate_drop_path_rates, checkpoint, get_device_dtype,
     is_compiling, is_exporting, is_fx_tracing)
@@ -1317,6 +1317,7 @@ def checkpoint_filter_fn(state_dict: Dict[str, Any], model: PerViT) -> Dict[str,
         state_dict = official_to_timm(state_dict)
     for old, new in RENAMED_KEYS:
         state_dict = {(new + k[len(old):] if k.startswith(old) else k): v for k, v in state_dict.items()}
+    check_floating_point(state_dict, model)  # ValueError for integer tensors of floating-point weights
     not_finite = [k for k, v in state_dict.items() if v.is_floating_point() and not torch.isfinite(v).all()]
     if not_finite:
         raise ValueError(
