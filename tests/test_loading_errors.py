@@ -6,6 +6,7 @@ Local files go through what timm's train.py ``--pretrained-path`` does:
 """
 import json
 import os
+import pickle
 import random
 import subprocess
 import sys
@@ -207,3 +208,143 @@ def test_hub_timeout_setting(monkeypatch, caplog):
     assert hub_timeout() == 0
     monkeypatch.setenv('TIMM_PERVIT_HUB_TIMEOUT', 'soon')
     assert hub_timeout() == default and 'soon' in caplog.text
+
+
+# --- tensor dtypes --------------------------------------------------------------------------------------------------
+def _save(state_dict, path):
+    if path.suffix == '.safetensors':
+        from safetensors.torch import save_file
+        save_file({k: v.contiguous() for k, v in state_dict.items()}, str(path))
+    else:
+        torch.save(state_dict, path)
+
+
+@pytest.mark.parametrize('suffix', ['.safetensors', '.pth'])
+def test_integer_weights_are_refused_and_half_precision_loads(suffix, tmp_path):
+    """An int64 tensor for a float parameter is refused by name (it used to load silently, cast to garbage), while
+    float16 / bfloat16 files load as their float32 values and the int64 BatchNorm counters stay accepted."""
+    sd = timm.create_model('pervit_tiny', **MICRO_KWARGS).state_dict()
+    assert sd['stem.0.bn.num_batches_tracked'].dtype == torch.int64
+    bad = dict(sd, **{'blocks.1.attn.qkv.weight': (sd['blocks.1.attn.qkv.weight'] * 100).to(torch.int64)})
+    path = tmp_path / f'int64{suffix}'
+    _save(bad, path)
+    with pytest.raises(ValueError) as info:
+        _load_micro(path)
+    msg = str(info.value)
+    assert ("PerViT checkpoint tensor 'blocks.1.attn.qkv.weight' is torch.int64 but the model expects a "
+            "floating-point tensor (torch.float32)") in msg
+    assert 'more' not in msg.split('.')[0] and 'pervit-convert' in msg
+    for dtype in (torch.float16, torch.bfloat16):
+        half = {k: (v.to(dtype) if v.is_floating_point() else v) for k, v in sd.items()}
+        path = tmp_path / f'{str(dtype)[6:]}{suffix}'
+        _save(half, path)
+        loaded = _load_micro(path).state_dict()
+        for k, v in half.items():
+            if k.startswith('head.'):
+                continue  # 10 classes here, not the pretrained config's 1000: timm gives it a new head
+            assert loaded[k].dtype == sd[k].dtype, k
+            torch.testing.assert_close(loaded[k], v.to(sd[k].dtype), rtol=0, atol=0)
+
+
+def test_converter_refuses_integer_weights_like_timm(tmp_path, pervit_tiny_official, capsys):
+    """The converter gave torch's "Only Tensors of floating point ... can require gradients"; now it gives the
+    message of timm's pretrained loading, word for word."""
+    official = dict(pervit_tiny_official.official_state_dict)
+    key = next(k for k, v in official.items() if v.is_floating_point() and v.dim() == 4)  # the stem's first conv
+    official[key] = official[key].round().to(torch.int32)
+    path = tmp_path / 'int32_official.pth'
+    torch.save({'model': official, 'epoch': 299}, path)
+    out = tmp_path / 'out'
+    assert convert_main([str(path), '-o', str(out), '-q']) == 1
+    err = capsys.readouterr().err
+    assert ("PerViT checkpoint tensor 'stem.0.conv.weight' is torch.int32 but the model expects a floating-point "
+            "tensor (torch.float32)") in err
+    assert 'require gradients' not in err and 'Traceback' not in err and not out.exists()
+    with pytest.raises(ValueError) as info:
+        _load(path)
+    assert f'pervit-convert: error: {info.value}' in err
+
+
+# --- refused pickles ------------------------------------------------------------------------------------------------
+class _RunsShell:
+    """Unpickling it would run a shell command that creates ``marker``."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.system, (f'touch {self.marker}',)
+
+
+_SYSTEM = f'{os.system.__module__}.{os.system.__name__}'  # how pickle names os.system: 'posix.system' on Linux
+
+
+def _refused_pickle(tmp_path, form, state_dict):
+    """A checkpoint holding ``state_dict`` and a shell command: (path, marker), in the legacy torch.save format or
+    written by plain pickle.dump."""
+    marker = tmp_path / 'pwned'
+    checkpoint = {'model': state_dict, 'epoch': 3, 'args': _RunsShell(marker)}
+    path = tmp_path / f'{form}.pth'
+    if form == 'legacy':
+        torch.save(checkpoint, path, _use_new_zipfile_serialization=False)
+    else:
+        with open(path, 'wb') as f:
+            pickle.dump(checkpoint, f)
+    return path, marker
+
+
+def _assert_refusal(msg, path):
+    assert 'not allowed to be unpickled' in msg and _SYSTEM in msg and str(path) in msg
+    assert 'Nothing in the file was executed' in msg and 'pervit-convert state_dict.pth' in msg
+    assert 'corrupted' not in msg and 'download it again' not in msg
+
+
+@pytest.mark.parametrize('timm_weights_only', [True, False], ids=['timm_loads', 'package_loads'])
+@pytest.mark.parametrize('form', ['legacy', 'raw_pickle'])
+def test_refused_pickle_is_named_not_corrupted(form, timm_weights_only, tmp_path, monkeypatch):
+    """A legacy (non-zip) or raw-pickle file with a disallowed global was called corrupted; ``package_loads``: the
+    timm releases where this package reads the file in timm's place."""
+    import timm_pervit._compat
+    monkeypatch.setattr(timm_pervit._compat, 'timm_loads_files_weights_only', lambda: timm_weights_only)
+    path, marker = _refused_pickle(tmp_path, form, timm.create_model('pervit_tiny', **MICRO_KWARGS).state_dict())
+    with pytest.raises(ValueError) as info:
+        _load_micro(path)
+    assert isinstance(info.value, PretrainedWeightsError) and info.value.reason == 'unsafe'
+    _assert_refusal(str(info.value), path)
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize('form', ['legacy', 'raw_pickle'])
+def test_converter_names_refused_pickle_globals(form, tmp_path, capsys):
+    path, marker = _refused_pickle(tmp_path, form, {'head.weight': torch.zeros(2, 2)})
+    assert convert_main([str(path), '-o', str(tmp_path / 'out'), '-q']) == 1
+    err = capsys.readouterr().err
+    _assert_refusal(err, path)
+    assert err.startswith(f'pervit-convert: error: Refused to load {path}: ') and 'Traceback' not in err
+    if form == 'raw_pickle':  # torch.load cannot read a raw pickle at all: the advice says how to open it
+        assert f'pickle.load(open({str(path)!r}, "rb"))' in err
+    assert not marker.exists() and not (tmp_path / 'out').exists()
+
+
+def _random_bytes(path):
+    path.write_bytes(bytes(random.Random(0).getrandbits(8) for _ in range(4096)))
+
+
+def _truncated_legacy(path):
+    torch.save({'w': torch.zeros(64, 64)}, path, _use_new_zipfile_serialization=False)
+    path.write_bytes(path.read_bytes()[:600])
+
+
+def test_converter_calls_damaged_files_corrupted(tmp_path, capsys):
+    """Damaged files are not refusals: on random bytes the converter said "Refused to load ... could run arbitrary
+    code". (The truncated legacy file guards the other side: a scan that finds no globals must not call it refused.)"""
+    for damage in (_random_bytes, _truncated_legacy):
+        path = tmp_path / f'{damage.__name__[1:]}.pth'
+        damage(path)
+        assert convert_main([str(path), '-o', str(tmp_path / 'out'), '-q']) == 1
+        err = capsys.readouterr().err
+        assert f'Cannot read {path} as a torch checkpoint' in err and 'truncated or corrupted' in err, err
+        assert 'Refused' not in err and 'weights_only=False' not in err
+        with pytest.raises(PretrainedWeightsError) as info:  # timm's pretrained loading agrees
+            _load_micro(path)
+        assert info.value.reason == 'corrupted'

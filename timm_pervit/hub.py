@@ -6,9 +6,10 @@
   huggingface_hub's retries. Errors raised by timm's ``load_pretrained`` are translated by
   ``explain_pretrained_error``; every other error of model construction passes through untouched.
 * ``PretrainedWeightsError``: the one exception for weights that cannot be loaded (repository missing on the hub,
-  offline or unreachable without a cached copy, interrupted download, corrupted or unreadable file, a path that is
-  no checkpoint file), with the fix, including how to convert the official PerViT release and load it locally.
-  Errors about a missing file or a file that holds no state dict are also a ``FileNotFoundError`` or ``ValueError``.
+  offline or unreachable without a cached copy, interrupted download, corrupted or unreadable file, a torch file
+  refused for the pickled objects it holds, a path that is no checkpoint file), with the fix, including how to
+  convert the official PerViT release and load it locally. Errors about a missing file, a refused pickle or a file
+  that holds no state dict are also a ``FileNotFoundError`` or ``ValueError``.
 
 This module imports nothing from the model code: it works with the repo ids and paths timm resolved.
 
@@ -40,7 +41,8 @@ from ._compat import HAS_LOCAL_DIR
 from .paper import OFFICIAL_URL
 
 __all__ = [
-    'PretrainedWeightsError', 'PretrainedFileNotFoundError', 'InvalidCheckpointError', 'explain_pretrained_error',
+    'PretrainedWeightsError', 'PretrainedFileNotFoundError', 'InvalidCheckpointError', 'UnsafeCheckpointError',
+    'explain_pretrained_error',
     'pretrained_loading', 'safe_file_overlay', 'wait_for_hub', 'hub_timeout', 'HUB_TIMEOUT_ENV', 'DEFAULT_HUB_TIMEOUT',
 ]
 
@@ -60,9 +62,6 @@ _CONNECT_RETRIES = 3
 #: File timm downloads first from a hub repo when the pretrained config names none.
 _DEFAULT_HUB_FILENAME = 'model.safetensors'
 
-#: The pickled magic number that opens a torch file of the legacy (non-zip) format.
-_LEGACY_TORCH_MAGIC = (0x1950a86a20f9469cfc6c).to_bytes(10, 'little')
-
 
 class PretrainedWeightsError(RuntimeError):
     """Pretrained PerViT weights could not be loaded.
@@ -71,8 +70,9 @@ class PretrainedWeightsError(RuntimeError):
         reason: One of 'not_published' (repository, revision or file missing on the hub), 'offline' (the hub is
             unreachable, does not answer in time, or ``HF_HUB_OFFLINE=1``, and no copy is cached), 'download_failed'
             (the transfer broke off; the message says whether a partial file stays cached), 'corrupted' (the
-            weights file cannot be parsed), 'not_found' (a local path that does not exist or is a directory) or
-            'invalid' (a readable file that holds no state dict).
+            weights file cannot be parsed), 'unsafe' (a local torch file that holds pickled objects weights-only
+            loading does not allow; nothing in it ran), 'not_found' (a local path that does not exist or is a
+            directory) or 'invalid' (a readable file that holds no state dict).
         source: Where timm looked for the weights (hub repo id or file path).
     """
 
@@ -92,6 +92,11 @@ class PretrainedFileNotFoundError(PretrainedWeightsError, FileNotFoundError):
 class InvalidCheckpointError(PretrainedWeightsError, ValueError):
     """The local weights file is readable but holds no state dict (also a ``ValueError``, like the other content
     errors of the checkpoint filter)."""
+
+
+class UnsafeCheckpointError(PretrainedWeightsError, ValueError):
+    """The local torch file holds pickled objects that weights-only loading does not allow (nothing of it ran; also a
+    ``ValueError``, as ``checkpoint_io.load_checkpoint`` raises for the same file)."""
 
 
 class _Source(NamedTuple):
@@ -193,6 +198,7 @@ def _is_corrupted_file_error(error: BaseException) -> bool:
 
 def _looks_like_torch_file(path: Path) -> bool:
     """A torch.save file: a zip archive (torch >= 1.6) or a pickle opening with the legacy magic number."""
+    from .checkpoint_io import _LEGACY_TORCH_MAGIC
     if zipfile.is_zipfile(path):
         return True
     with open(path, 'rb') as f:
@@ -217,11 +223,13 @@ def _diagnose_file(variant: str, path: str) -> Optional[PretrainedWeightsError]:
     """Explain why a local weights file (``pretrained_cfg_overlay=dict(file=...)``) could not be loaded.
 
     Returns None when the file reads as a state dict (the error was about its content, e.g. from the checkpoint
-    filter, and is best re-raised as it is) or when it holds pickled code (timm's own refusal says so).
+    filter, and is best re-raised as it is) or when it is a zip checkpoint holding pickled code (timm's own refusal
+    names the globals). A legacy (non-zip) or raw-pickle torch file holding disallowed globals gets an
+    ``UnsafeCheckpointError`` naming them (torch's refusal of those reads like damage).
     """
     import torch
     from ._compat import safe_globals
-    from .checkpoint_io import state_dict_of
+    from .checkpoint_io import disallowed_globals, refused_pickle_message, state_dict_of
 
     p = Path(path)
     if p.is_dir():
@@ -248,15 +256,26 @@ def _diagnose_file(variant: str, path: str) -> Optional[PretrainedWeightsError]:
         except Exception:
             return PretrainedWeightsError(unreadable, reason='corrupted', source=path)
         return None
+
+    def refused(unsafe: List[str]) -> UnsafeCheckpointError:
+        subject = f'the pretrained {variant} weights file {path}'
+        return UnsafeCheckpointError(
+            f'{refused_pickle_message(path, unsafe, subject=subject, variant=variant)} {_how_to_convert(variant)}',
+            reason='unsafe', source=path)
+
     if not _looks_like_torch_file(p):
-        return PretrainedWeightsError(unreadable, reason='corrupted', source=path)
+        unsafe = disallowed_globals(p)  # a raw pickle.dump file: torch stops at its first opcodes
+        return refused(unsafe) if unsafe else PretrainedWeightsError(unreadable, reason='corrupted', source=path)
     try:
         with safe_globals([argparse.Namespace]):
             checkpoint = torch.load(str(p), map_location='cpu', weights_only=True)
-    except pickle.UnpicklingError:
-        if _has_unsafe_globals(p):
-            return None  # a real pickle with code in it: timm's refusal names the globals
-        return PretrainedWeightsError(unreadable, reason='corrupted', source=path)
+    except pickle.UnpicklingError as e:
+        if zipfile.is_zipfile(p):
+            if _has_unsafe_globals(p):
+                return None  # a real pickle with code in it: timm's refusal names the globals
+            return PretrainedWeightsError(unreadable, reason='corrupted', source=path)
+        unsafe = disallowed_globals(p, e)  # a legacy torch file
+        return refused(unsafe) if unsafe else PretrainedWeightsError(unreadable, reason='corrupted', source=path)
     except Exception:
         return PretrainedWeightsError(unreadable, reason='corrupted', source=path)
     try:

@@ -51,7 +51,7 @@ from timm.models import build_model_with_cfg, generate_default_cfgs, register_mo
 from timm.models import register_notrace_function
 from timm.models._features import feature_take_indices
 
-from .checkpoint_io import state_dict_of
+from .checkpoint_io import check_floating_point, state_dict_of
 from ._compat import LOADS_SAFETENSORS_HUB_FILENAME, autocast_dtype, build_mlp, calculate_drop_path_rates, checkpoint
 from ._compat import get_device_dtype
 from .layers import gates
@@ -659,6 +659,7 @@ def checkpoint_filter_fn(state_dict: Dict[str, Any], model: PerViT) -> Dict[str,
         state_dict = official_to_timm(state_dict)
     for old, new in RENAMED_KEYS:
         state_dict = {(new + k[len(old):] if k.startswith(old) else k): v for k, v in state_dict.items()}
+    check_floating_point(state_dict, model)  # ValueError for integer tensors of floating-point weights
     not_finite = [k for k, v in state_dict.items() if v.is_floating_point() and not torch.isfinite(v).all()]
     if not_finite:
         raise ValueError(
