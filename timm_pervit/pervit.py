@@ -651,7 +651,7 @@ def checkpoint_filter_fn(state_dict: Dict[str, Any], model: PerViT) -> Dict[str,
     Accepts a bare state dict or a training checkpoint holding it under 'model' / 'state_dict' (also the names this
     implementation used before, see ``RENAMED_KEYS``). Raises a ValueError when the tensors do not fit the model's
     architecture (naming the released variant the checkpoint belongs to, if it is another one), when it holds NaN or
-    Inf values (naming the tensors), or when it is not a state dict at all. The stem's first conv and the classifier
+    Inf values or integer tensors for floating-point weights (naming the tensors), or when it is not a state dict at all. The stem's first conv and the classifier
     are not checked: timm adapts them for ``in_chans`` / ``num_classes`` after this filter.
     """
     state_dict = state_dict_of(state_dict, 'the PerViT checkpoint')
