@@ -168,6 +168,25 @@ def test_console_entry_point_subprocess():
     assert proc.returncode == 0, proc.stderr
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith('| infer')]
     assert [ln.split('|')[4].strip() for ln in lines] == ['reference', 'eager']
+    assert 'infer 48px: ' not in proc.stderr  # --no-progress: no progress lines either
+
+
+def test_progress_lines_in_a_log_file(tmp_path):
+    """Sent to a file (CI, nohup), the benchmark logs plain progress lines instead of a progress bar's frames;
+    ``--no-progress`` (the subprocess test above) logs none."""
+    log = tmp_path / 'bench.log'
+    with open(log, 'w') as f:
+        proc = subprocess.run(
+            [sys.executable, '-m', 'timm_pervit', 'benchmark', '--model-kwargs', MICRO_JSON, '--img-size', '48',
+             '--iters', '4', '--warmup', '1', '--batch-size', '1', '--no-roofline', '--threads', '1'],
+            stdout=f, stderr=subprocess.STDOUT, text=True, timeout=300)
+    text = log.read_text()
+    assert proc.returncode == 0, text
+    assert '\r' not in text
+    # 2 candidates x (1 warm-up + 4 timed) steps: a line per step (one per tenth, rounded up)
+    steps = [ln.split(',')[0] for ln in text.splitlines() if ln.startswith('infer 48px: ')]
+    assert steps == ['infer 48px: 1/10 step (10%)'] + [f'infer 48px: {n}/10 steps ({10 * n}%)' for n in range(2, 11)]
+    assert text.count('| infer | 48 | 1 |') == 2  # the table follows
 
 
 @pytest.mark.slow

@@ -157,13 +157,24 @@ def test_demo_errors(tmp_path, capsys):
 
 @pytest.mark.slow
 def test_demo_cli_subprocess(tmp_path):
-    """The real command line, as the README runs it (reduced)."""
-    proc = subprocess.run(
-        [sys.executable, '-m', 'timm_pervit', 'demo', '--output-dir', str(tmp_path / 'out'), '--no-table',
-         '--model-kwargs', json.dumps(MICRO_ARCH), '--img-size', '32', '--epochs', '1', '--max-steps', '5'],
-        capture_output=True, text=True, timeout=300, cwd=str(tmp_path))
-    assert proc.returncode == 0, proc.stderr
-    assert 'held-out top-1' in proc.stdout and 'Output files' in proc.stdout
+    """The real command line, as the README runs it (reduced), its output sent to a log file as in CI or under nohup:
+    plain progress lines, no progress-bar frames."""
+    log = tmp_path / 'demo.log'
+    with open(log, 'w') as f:
+        proc = subprocess.run(
+            [sys.executable, '-m', 'timm_pervit', 'demo', '--output-dir', str(tmp_path / 'out'), '--no-table',
+             '--model-kwargs', json.dumps(MICRO_ARCH), '--img-size', '32', '--epochs', '1', '--max-steps', '5'],
+            stdout=f, stderr=subprocess.STDOUT, text=True, timeout=300, cwd=str(tmp_path))
+    text = log.read_text()
+    assert proc.returncode == 0, text
+    assert 'held-out top-1' in text and 'Output files' in text
     for name in ('predictions.png', 'position_attention.png', 'non_locality.png', 'summary.json'):
         assert (tmp_path / 'out' / name).is_file(), name
-    assert '5/5' in proc.stderr  # the tqdm progress bar ran to the end
+    assert '\r' not in text and '%|' not in text  # no bar frames, no bar
+    steps = [ln for ln in text.splitlines() if ln.startswith('train: ')]
+    # 5 steps: a line each (one per tenth, rounded up), in order, each with its loss, then the epoch line after them
+    assert [ln.split(',')[0] for ln in steps] == [f'train: {n}/5 steps ({20 * n}%)' if n > 1 else
+                                                  'train: 1/5 step (20%)' for n in range(1, 6)]
+    assert all('; epoch 1, loss ' in ln for ln in steps)
+    lines = text.splitlines()
+    assert lines.index(steps[-1]) < next(i for i, ln in enumerate(lines) if ln.startswith('epoch 1/1: train loss'))

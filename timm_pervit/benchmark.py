@@ -50,7 +50,7 @@ import statistics
 import sys
 import time
 from dataclasses import asdict, dataclass, field
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn as nn
@@ -58,6 +58,7 @@ import torch.nn.functional as F
 
 import timm
 
+from ._progress import Progress, add_progress_arguments
 from .checkpoint_io import load_checkpoint
 from .flops import flop_counter_mode
 from .official import (
@@ -503,11 +504,6 @@ def _token_grid(model: PerViT, img_size: int) -> Tuple[int, int]:
     return n, n
 
 
-def _progress(total: int, desc: str, enabled: bool):
-    from tqdm.auto import tqdm
-    return tqdm(total=total, desc=desc, file=sys.stderr, disable=not enabled, leave=False)
-
-
 def run_benchmark(
         base: PerViT,
         candidates: Sequence[Candidate],
@@ -518,7 +514,7 @@ def run_benchmark(
         warmup: int = 2,
         iters: int = 10,
         rooflines: Optional[Dict[torch.dtype, float]] = None,
-        progress: bool = True,
+        progress: Union[bool, str] = True,
         seed: int = 0,
         gate_float64: bool = True,
         official_code: Optional[OfficialCode] = None,
@@ -529,7 +525,9 @@ def run_benchmark(
     ``gate_float64=False`` checks the candidates against the reference's own float32 run instead of a float64 one
     (see ``CorrectnessGate``). ``official_code`` is needed by an ``official`` candidate, which is left out (with a
     warning) at input sizes the official code does not accept. Ratios are taken against the ``baseline`` candidate
-    (the reference when that one is not in the run).
+    (the reference when that one is not in the run). ``progress`` (``timm_pervit._progress.resolve_mode``): a bar
+    on stderr when it is a terminal, otherwise a line through this module's logger at every tenth of the timed steps
+    (True / 'auto'), or 'bar', 'log', False / 'off'.
 
     Raises:
         CorrectnessError: When a candidate disagrees with the reference, or the official code with the truth.
@@ -577,7 +575,8 @@ def run_benchmark(
     del gate
 
     ours = next((r for r in runners if r.cand.kind == 'ours'), None)
-    with _progress(len(runners) * (warmup + iters), f'{mode} {img_size}px', progress) as bar:
+    with Progress(len(runners) * (warmup + iters), f'{mode} {img_size}px', progress, log=_logger.info,
+                  leave=False) as bar:
         for _ in range(warmup):
             for runner in runners:
                 runner.step()
@@ -699,7 +698,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument('--iters', type=int, default=10, help='timed rounds; each round runs every candidate once')
     p.add_argument('--seed', type=int, default=0)
     p.add_argument('--json', default='', metavar='PATH', help='also write the results as JSON ("-": stdout only)')
-    p.add_argument('--no-progress', action='store_true', help='no progress bar on stderr')
+    add_progress_arguments(p, 'progress bar on stderr')
     p.add_argument('--no-roofline', action='store_true', help='skip timing the GEMM roofline')
     p.add_argument('--gate-float32', action='store_true',
                    help='check candidates against the float32 reference instead of a float64 run of it (the float64 '
@@ -745,7 +744,7 @@ def main(argv: Optional[List[str]] = None) -> int:
             for size in args.img_size:
                 results += run_benchmark(
                     base, candidates, size, args.batch_size, mode, device, warmup=args.warmup, iters=args.iters,
-                    rooflines=rooflines, progress=not args.no_progress, seed=args.seed,
+                    rooflines=rooflines, progress=args.progress, seed=args.seed,
                     gate_float64=not args.gate_float32, official_code=official_code, baseline=args.baseline)
     except CorrectnessError as e:
         print(f'error: correctness check failed: {e}', file=sys.stderr)

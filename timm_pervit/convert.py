@@ -34,6 +34,7 @@ import torch
 
 import timm
 
+from ._progress import add_progress_arguments, resolve_mode
 from .checkpoint_io import load_checkpoint, state_dict_of
 from .flops import count_gmacs
 from .model_card import model_card, save_for_hf
@@ -291,6 +292,8 @@ def _parser() -> argparse.ArgumentParser:
                              '(token from HF_TOKEN or `hf auth login`)')
     parser.add_argument('--private', action='store_true', help='create the hub repo as private')
     parser.add_argument('-q', '--quiet', action='store_true', help='only print the summary line')
+    add_progress_arguments(parser, help='--push-to-hub: auto shows huggingface_hub\'s upload bars on a terminal '
+                                        'only; bar: always; log, off: never (default: %(default)s)')
     return parser
 
 
@@ -298,6 +301,10 @@ def main(argv: Optional[List[str]] = None) -> int:
     """Command line entry point (``pervit-convert`` / ``python -m timm_pervit convert``)."""
     args = _parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format='%(message)s')
+    if args.push_to_hub and resolve_mode(args.progress) != 'bar':
+        # the converter has no bars of its own; huggingface_hub's upload bars would fill a log file with frames
+        from huggingface_hub.utils import disable_progress_bars
+        disable_progress_bars()
     try:
         result = convert_checkpoint(
             args.checkpoint,

@@ -3,7 +3,8 @@
 1. prints the PerViT family table (params, GMACs at 224 px, measured img/s here, paper top-1, pretrained tag);
 2. trains ``pervit_tiny`` from scratch (peripheral initialization) on scikit-learn's bundled handwritten digits
    (1,797 real 8x8 scans, upsampled to ``--img-size`` px, 3 channels; a stratified 20% held-out split) with timm's
-   optimizer, scheduler, loss and augmentation factories, with a progress bar;
+   optimizer, scheduler, loss and augmentation factories, with a progress bar on a terminal (plain progress lines
+   in a log file);
 3. saves it as a hub-ready folder (model.safetensors + a config.json describing the digits weights, written by
    ``timm_pervit.model_card.save_for_hf``), reloads it through timm's pretrained path
    (``timm.create_model('local-dir:<folder>', pretrained=True)``) and, when the repository's ``hubconf.py`` is
@@ -12,7 +13,8 @@
 5. writes the learned position-attention figures (``timm_pervit.visualize``), compared with the initialization;
 6. prints where every output file is (also listed in ``summary.json``).
 
-Needs the ``demo`` extra: ``pip install "timm-pervit[demo]"`` (matplotlib, scikit-learn, tqdm).
+Needs the ``demo`` extra: ``pip install "timm-pervit[demo]"`` (matplotlib, scikit-learn, tqdm; without tqdm the
+progress is plain lines on a terminal too).
 """
 import argparse
 import functools
@@ -24,12 +26,13 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Callable, Dict, List, NamedTuple, Optional, Tuple
+from typing import Any, Callable, Dict, List, NamedTuple, Optional, Tuple, Union
 
 import torch
 import torch.nn.functional as F
 
 from ._compat import create_model_from_folder
+from ._progress import Progress, add_progress_arguments
 
 __all__ = ['load_digits_split', 'family_table', 'choose_threads', 'train', 'evaluate', 'run_demo', 'main']
 
@@ -240,7 +243,7 @@ def _train_epoch(
         recipe: _StepRecipe,
         step: int,
         max_steps: Optional[int],
-        bar: Any,
+        bar: Progress,
         epoch: int,
 ) -> Tuple[List[float], int, bool]:
     """One pass over a random permutation of the training set.
@@ -267,9 +270,7 @@ def _train_epoch(
         step += 1
         recipe.scheduler.step_update(num_updates=step)
         losses.append(loss.item())
-        bar.update(1)
-        bar.set_postfix(
-            epoch=epoch + 1, loss=f'{loss.item():.3f}', lr=f'{recipe.optimizer.param_groups[0]["lr"]:.1e}')
+        bar.update(1, epoch=epoch + 1, loss=f'{loss.item():.3f}', lr=f'{recipe.optimizer.param_groups[0]["lr"]:.1e}')
         if max_steps is not None and step >= max_steps:
             return losses, step, True
     return losses, step, False
@@ -319,7 +320,7 @@ def train(
         crop_scale: float = 0.85,
         mixup: float = 0.,
         max_steps: Optional[int] = None,
-        progress: bool = True,
+        progress: Union[bool, str] = True,
         log: Callable[[str], None] = _logger.info,
 ) -> Dict[str, Any]:
     """Train with timm's AdamW, cosine-with-warmup schedule (per step), label-smoothing loss and augmentation.
@@ -347,15 +348,14 @@ def train(
         crop_scale: Smallest crop area fraction of the random-resized-crop augmentation (1 disables it).
         mixup: Mixup alpha (0 disables it).
         max_steps: Stop after this many optimizer steps (for quick runs; the schedule is not shortened).
-        progress: Show a tqdm progress bar.
+        progress: A tqdm progress bar on a terminal, a plain progress line at every tenth of the steps otherwise
+            (True / 'auto'); or always 'bar', 'log', or none (False / 'off').
         log: Where progress lines go (default: this module's logger; the CLI prints them).
 
     Returns:
         Dict with 'epochs', 'step_losses', 'epoch_losses', 'epoch_acc' (held-out top-1 per epoch), 'steps',
         'seconds' (wall, including the speed measurement), 'cpu_seconds' (CPU time of this process), 'stopped_early'.
     """
-    tqdm = _require('tqdm', 'tqdm').tqdm
-
     t0 = time.perf_counter()
     c0 = time.process_time()
     updates_per_epoch = math.ceil(len(x_train) / batch_size)
@@ -370,7 +370,7 @@ def train(
     total = total_updates if max_steps is None else min(max_steps, total_updates)
     result: Dict[str, Any] = dict(epochs=epochs, step_losses=[], epoch_losses=[], epoch_acc=[], stopped_early=False)
     step = 0
-    bar = tqdm(total=total, desc='train', unit='step', disable=not progress, dynamic_ncols=True)
+    bar = Progress(total, 'train', progress, log=log, dynamic_ncols=True)
     for epoch in range(epochs):
         losses, step, stopped = _train_epoch(model, x_train, y_train, batch_size, recipe, step, max_steps, bar, epoch)
         result['step_losses'].extend(losses)
@@ -380,7 +380,7 @@ def train(
             result['epoch_acc'].append(acc)
             line = (f'epoch {epoch + 1}/{epochs}: train loss {result["epoch_losses"][-1]:.4f}, '
                     f'held-out top-1 {100 * acc:.2f}% ({time.perf_counter() - t0:.0f} s)')
-            (bar.write if log is print else log)(line)  # printed lines go above the progress bar
+            bar.write(line)  # above the progress bar, if there is one
         if stopped:
             result['stopped_early'] = True
             break
@@ -450,7 +450,6 @@ def _check_request(model_name: str, checkpoint: Optional[str]) -> None:
     from .visualize import _require_matplotlib
 
     _require('sklearn', 'scikit-learn')
-    _require('tqdm', 'tqdm')
     _require_matplotlib()
     if model_name not in PERVIT_VARIANTS:
         raise ValueError(f'unknown model {model_name!r}: choose one of {", ".join(PERVIT_VARIANTS)}')
@@ -652,7 +651,7 @@ def run_demo(
         threads: Optional[int] = None,
         table: bool = True,
         table_img_size: int = 224,
-        progress: bool = True,
+        progress: Union[bool, str] = True,
         log: Callable[[str], None] = _logger.info,
 ) -> Dict[str, Any]:
     """Run the whole demo; returns (and writes to ``summary.json``) its results and output paths.
@@ -744,7 +743,7 @@ def main(argv: Optional[List[str]] = None) -> int:
                         help='torch threads (default: the faster of all and one, timed on a few forwards)')
     parser.add_argument('--no-table', action='store_true', help='skip the family table (and its speed measurements)')
     parser.add_argument('--table-img-size', type=int, default=224, help='input size of the family table (default 224)')
-    parser.add_argument('--no-progress', action='store_true', help='no progress bar')
+    add_progress_arguments(parser, 'training progress bar')
     args = parser.parse_args(argv)
     try:
         model_kwargs = json.loads(args.model_kwargs) if args.model_kwargs else None
@@ -756,7 +755,8 @@ def main(argv: Optional[List[str]] = None) -> int:
             batch_size=args.batch_size, lr=args.lr, weight_decay=args.weight_decay, smoothing=args.smoothing,
             crop_scale=args.crop_scale, mixup=args.mixup, max_steps=args.max_steps, seed=args.seed,
             threads=args.threads, table=not args.no_table,
-            table_img_size=args.table_img_size, progress=not args.no_progress, log=print)
+            table_img_size=args.table_img_size, progress=args.progress,
+            log=functools.partial(print, flush=True))  # flushed: a log file shows each line when it happens
     except (ValueError, FileNotFoundError, PermissionError, ImportError, RuntimeError) as e:
         print(f'python -m timm_pervit demo: error: {e}', file=sys.stderr)
         return 1
