@@ -48,12 +48,12 @@ from torch.jit import Final
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import DropPath, Mlp, trunc_normal_, use_fused_attn
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
-from timm.models import register_notrace_function
+from timm.models import register_notrace_function, register_notrace_module
 from timm.models._features import feature_take_indices
 
 from .checkpoint_io import check_floating_point, state_dict_of
 from ._compat import LOADS_SAFETENSORS_HUB_FILENAME, autocast_dtype, build_mlp, calculate_drop_path_rates, checkpoint
-from ._compat import get_device_dtype
+from ._compat import get_device_dtype, is_fx_tracing
 from .layers import gates
 from .layers.attention import peripheral_sdpa
 from .layers.position import POS_CACHE_BYTES, POS_MAX_BLOCK_BYTES, PeripheralPosition, PositionConvNet
@@ -230,6 +230,29 @@ class PeripheralAttention(nn.Module):
         return x
 
 
+@register_notrace_module  # one call_module node in FX graphs, as a plain nn.Conv2d
+class _GradLayoutConv2d(nn.Conv2d):
+    """``nn.Conv2d`` whose weight gradient has the weight's strides (PerViTBlock's depthwise conv).
+
+    A (C, 1, 3, 3) weight is contiguous and channels-last at once; for a channels-last input (the blocks' NHWC grid)
+    the backward returns its gradient with channels-last strides (9, 1, 3, 1), the same memory order as the weight's
+    (9, 9, 3, 1), which DistributedDataParallel reports ("Grad strides do not match bucket view strides") and copies.
+    A same-shape view with the weight's own strides is the same tensor to the convolution (same kernel and result) and
+    its backward hands the gradient over in those strides; any other weight layout is passed as it is.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        weight = self.weight
+        traced = False  # FX symbolic tracing: the weight is a Proxy, its strides unknown
+        if not torch.jit.is_scripting():
+            traced = is_fx_tracing()
+        if not traced and torch.is_grad_enabled() and weight.requires_grad:
+            view = weight.view(weight.shape)
+            if view.stride() == weight.stride():
+                weight = view
+        return self._conv_forward(x, weight, self.bias)
+
+
 class PerViTBlock(nn.Module):
     """PerViT block on an NHWC token grid.
 
@@ -257,7 +280,7 @@ class PerViTBlock(nn.Module):
         dd = {'device': device, 'dtype': dtype}
         super().__init__()
         self.fast_paths = fast_paths
-        self.dwconv = nn.Conv2d(dim, dim, kernel_size=3, padding=1, groups=dim, bias=True, **dd)
+        self.dwconv = _GradLayoutConv2d(dim, dim, kernel_size=3, padding=1, groups=dim, bias=True, **dd)
         self.norm1 = norm_layer(dim, eps=norm_eps, **dd)
         self.attn = PeripheralAttention(
             dim, num_heads=num_heads, qkv_bias=qkv_bias, proj_drop=proj_drop, fast_paths=fast_paths, **dd)
