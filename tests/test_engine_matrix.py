@@ -385,6 +385,13 @@ def test_dynamic_int8_quantization():
         ref = qplain(x)
     for o in out:
         _assert_rel(o, ref, 1e-5)
+    assert qfast.pos_attn.cache_info()['entries'] == 1  # keyed on the int8 projection's packed values
+    with torch.no_grad():  # new int8 weights for the projection: the cache follows
+        for m in (qfast, qplain):
+            proj = m.pos_attn.dist_proj
+            proj.set_weight_bias(torch.quantize_per_tensor(proj.weight().dequantize() * 2, 0.01, 0, torch.qint8),
+                                 proj.bias())
+        _assert_rel(qfast(x), qplain(x), 1e-5)
     assert torch.equal(out[0].argmax(-1), ref32.argmax(-1))
     assert _rel(out[0], ref32) < 0.1
 

@@ -377,6 +377,11 @@ class _BlockByBlock(Sequence):
 #: Position-module classes whose parameters and buffers are all their state (the cache can key on their values).
 _KEYED_TYPES: Tuple[type, ...] = (nn.Linear, nn.Conv2d, nn.GroupNorm, nn.ModuleList)
 
+try:  # what torch.ao.quantization.quantize_dynamic makes of the distance projection
+    from torch.ao.nn.quantized.dynamic import Linear as _QUANTIZED_LINEAR
+except ImportError:  # a torch build without quantization: no such module can appear
+    _QUANTIZED_LINEAR = None
+
 
 @register_notrace_module  # reason: caches on grid size and parameter values (Python control flow)
 class PeripheralPosition(nn.Module):
@@ -594,8 +599,9 @@ class PeripheralPosition(nn.Module):
 
         The values are every parameter and buffer of the position modules, plus the computed value of every
         parametrized tensor (a parametrization may keep state in plain attributes). None when the result depends on
-        more than that (a module of another type than the stock layers, e.g. a quantized one; a hook other than
-        pruning or weight norm) or when there are no values (meta device).
+        more than that (a module of another type than the stock layers and the dynamic int8 Linear, whose packed
+        weight and bias are read back as values; a hook other than pruning or weight norm) or when there are no values
+        (meta device).
         """
         modules: List[int] = []
         tensors: List[torch.Tensor] = []
@@ -607,6 +613,11 @@ class PeripheralPosition(nn.Module):
             if gates.has_opaque_hooks(m):
                 return None
             parametrized = isinstance(m._modules.get('parametrizations'), nn.ModuleDict)
+            if not inside_parametrization and type(m) is _QUANTIZED_LINEAR:
+                # dynamic int8 (quantize_dynamic): its state is the packed weight and bias, read back as values
+                modules.append(id(m))
+                tensors += [m.weight().dequantize()] + ([m.bias()] if m.bias() is not None else [])
+                continue
             if not inside_parametrization and not (
                     type(m) is PositionConvNet or gates.base_type(m) in _KEYED_TYPES):
                 return None
