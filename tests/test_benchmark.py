@@ -429,3 +429,20 @@ def test_real_official_code(tmp_path):
         # at inference the official model reuses what init_rpe() stored: it counts the same MACs as ours
         if mode == 'infer':
             assert off['gmacs_per_img'] == pytest.approx(rows[(mode, 224, 'eager')]['gmacs_per_img'], rel=1e-6)
+
+
+def test_int8_candidate_is_gated_and_inference_only():
+    """``--int8``: quantize_dynamic of every Linear, checked against the float64 formula at the int8 tolerance, left
+    out of training; its params and GMACs are the float model's (a quantized Linear holds no parameters)."""
+    model = PerViT(**MICRO).eval()
+    cands = benchmark.parse_candidates(['eager', 'int8'])
+    assert [c.name for c in cands] == ['reference', 'eager', 'int8'] and cands[2].int8
+    results = benchmark.run_benchmark(model, cands, 64, 2, 'infer', torch.device('cpu'), warmup=0, iters=1,
+                                       progress=False)
+    by_name = {r.candidate: r for r in results}
+    assert 0 < by_name['int8'].max_rel_err <= benchmark.INT8_TOLERANCE
+    assert by_name['int8'].params == by_name['eager'].params
+    assert by_name['int8'].gmacs_per_img == by_name['reference'].gmacs_per_img
+    trained = benchmark.run_benchmark(model, cands, 64, 2, 'train', torch.device('cpu'), warmup=0, iters=1,
+                                       progress=False)
+    assert [r.candidate for r in trained] == ['reference', 'eager']

@@ -49,6 +49,7 @@ import re
 import statistics
 import sys
 import time
+import warnings
 from dataclasses import asdict, dataclass, field
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
@@ -74,10 +75,14 @@ __all__ = [
 _logger = logging.getLogger(__name__)
 
 #: Candidate names accepted by ``--candidates``: ``eager`` or ``+``-joined options, e.g. ``compile+amp``.
-CANDIDATE_OPTIONS = ('compile', 'amp', 'channels_last')
+CANDIDATE_OPTIONS = ('compile', 'amp', 'channels_last', 'int8')
 
 #: Relative tolerance of the correctness gate for full-precision candidates: (outputs, gradients).
 TOLERANCES = {'float32': (2e-4, 2e-3), 'float64': (1e-9, 1e-7)}
+
+#: Relative output tolerance of the ``int8`` candidate (``quantize_dynamic`` of every Linear, inference only): the
+#: weight rounding itself; a wrong computation still errs by order one.
+INT8_TOLERANCE = 0.25
 
 #: Relative tolerance (outputs, gradients) of the official code's float64 run against the float64 truth. Looser than
 #: ``TOLERANCES['float64']`` because the official code builds its distance table in float32 whatever the model's
@@ -99,6 +104,7 @@ class Candidate:
     compile: bool = False
     amp: bool = False
     channels_last: bool = False
+    int8: bool = False
     official: bool = False
     peer: bool = False
 
@@ -175,7 +181,8 @@ def parse_candidates(names: Sequence[str], official: bool = False, peers: Sequen
                 f'from {", ".join(CANDIDATE_OPTIONS)} (e.g. "compile+amp").')
         if any(c.name == name for c in out):
             continue
-        out.append(Candidate(name, compile='compile' in opts, amp='amp' in opts, channels_last='channels_last' in opts))
+        out.append(Candidate(name, compile='compile' in opts, amp='amp' in opts, channels_last='channels_last' in opts,
+                             int8='int8' in opts))
     if official:
         out.append(Candidate('official', official=True))
     for name in peers:
@@ -273,6 +280,15 @@ def peak_memory(fn: Callable[[], Any], device: torch.device) -> Tuple[float, flo
     return peak, float('nan')
 
 
+def _quantize_int8(model: nn.Module) -> nn.Module:
+    """torch's dynamic int8 quantization of every Linear, the standard CPU deployment recipe for transformers."""
+    if next(model.parameters()).dtype != torch.float32:
+        raise ValueError('the int8 candidate quantizes a float32 model: run the benchmark in float32')
+    with warnings.catch_warnings():
+        warnings.simplefilter('ignore')  # torch.ao's notice that eager-mode quantization moves to torchao
+        return torch.ao.quantization.quantize_dynamic(model, {nn.Linear}, dtype=torch.qint8)
+
+
 def _create_peer(name: str, base: PerViT, img_size: int, device: torch.device, seed: int = 0) -> nn.Module:
     """A randomly initialised timm model for ``img_size`` inputs with ``base``'s number of classes."""
     torch.manual_seed(seed)
@@ -303,6 +319,8 @@ class _Runner:
             model = _create_peer(cand.name, base, x.shape[-1], x.device).to(x.dtype)
         else:
             model = copy.deepcopy(base)
+        if cand.int8:
+            model = _quantize_int8(model)
         if cand.channels_last:
             model = model.to(memory_format=torch.channels_last)
             x = x.contiguous(memory_format=torch.channels_last)
@@ -459,8 +477,8 @@ class CorrectnessGate:
             CorrectnessError: Naming the candidate, what differs and by how much.
         """
         errs = _errors(*_run_restoring(runner), *self.truth)
-        dtype = 'float32' if runner.cand.amp else str(runner.x.dtype).replace('torch.', '')
-        out_tol, grad_tol = TOLERANCES[dtype]
+        dtype = 'float32' if runner.cand.amp or runner.cand.int8 else str(runner.x.dtype).replace('torch.', '')
+        out_tol, grad_tol = (INT8_TOLERANCE, float('nan')) if runner.cand.int8 else TOLERANCES[dtype]
         own = self.reference_errors(runner.cand.amp)
         allowed = {k: (out_tol if k == 'output' else grad_tol) + 2 * own.get(k, 0.) for k in errs}
         what = max(errs, key=lambda k: errs[k] / allowed[k])
@@ -540,6 +558,9 @@ def run_benchmark(
     y = torch.randint(0, num_classes, (batch_size,), generator=g).to(device)
     runners = []
     for c in candidates:
+        if c.int8 and mode == 'train':
+            _logger.warning('leaving out %s in training: dynamic int8 quantization is for inference', c.name)
+            continue
         runner = _Runner(c, base, x, y, mode, official_code)
         grid = official_token_grid(runner.model) if c.official else None
         if grid is not None and (grid, grid) != _token_grid(base, img_size):
@@ -569,7 +590,8 @@ def run_benchmark(
         res.warmup_s = time.perf_counter() - t
         if runner.cand.official and gate.truth_dtype != runner.x.dtype:
             res.f64_err = gate.check_official_truth(runner)
-        res.params = sum(p.numel() for p in runner.model.parameters())
+        # the float model's count for int8 (its quantized Linears hold packed weights, no parameters)
+        res.params = sum(p.numel() for p in (base if runner.cand.int8 else runner.model).parameters())
         if rooflines is not None:
             res.roofline_gflops = rooflines.get(runner.compute_dtype, float('nan'))
     del gate
@@ -600,7 +622,10 @@ def run_benchmark(
     for runner, res in zip(runners, results):
         res.peak_mem_mb, res.step_mem_mb = peak_memory(runner.step, device)
         eager = runner.module  # count the eager computation (compile and autocast change how, not what)
-        res.gmacs_per_img = count_macs(lambda: runner.forward_backward(eager)) / batch_size / 1e9
+        if runner.cand.int8:  # the float model's work: FlopCounterMode counts no quantized matmul
+            res.gmacs_per_img = results[0].gmacs_per_img
+        else:
+            res.gmacs_per_img = count_macs(lambda: runner.forward_backward(eager)) / batch_size / 1e9
         runner.module.zero_grad(set_to_none=True)
     base_step = results[base_idx].step_mem_mb
     for res in results:
@@ -686,6 +711,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument('--compile', action='store_true', help='add the torch.compile candidate')
     p.add_argument('--amp', action='store_true', help='add the bfloat16 autocast candidate')
     p.add_argument('--channels-last', action='store_true', help='add the channels-last input/stem candidate')
+    p.add_argument('--int8', action='store_true',
+                   help='add the dynamic int8 candidate (quantize_dynamic of every Linear; inference only)')
     p.add_argument('--official-repo', default='', metavar='PATH',
                    help='a checkout of the official code (github.com/juhongm999/pervit): adds its model, on the same '
                         'weights, as the "official" candidate (224px input only; needs einops)')
@@ -717,8 +744,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     if device.type == 'cuda' and not torch.cuda.is_available():
         raise SystemExit(f'--device {args.device}: CUDA is not available on this machine; use --device cpu.')
     names = [n for n in args.candidates.split(',') if n.strip()]
-    names += [n for flag, n in ((args.compile, 'compile'), (args.amp, 'amp'), (args.channels_last, 'channels_last'))
-              if flag]
+    flags = ((args.compile, 'compile'), (args.amp, 'amp'), (args.channels_last, 'channels_last'), (args.int8, 'int8'))
+    names += [n for flag, n in flags if flag]
     official_code = None
     try:
         candidates = parse_candidates(
