@@ -485,7 +485,9 @@ def test_torch_compile_eval_mode_gradients():
     fast, plain = _pair()
     x = _input()
     fast.eval(), plain.eval()
-    compiled = torch.compile(fast)
+    # static shapes: with automatic dynamic shapes (after other sizes compiled in this process) torch 2.14's inductor
+    # cannot lower the checkpointed SDPA that a mask needing a gradient takes under compile, in train mode alike
+    compiled = torch.compile(fast, dynamic=False)
     with torch.no_grad():
         _assert_rel(compiled(x), plain(x), 1e-9)
     _loss(compiled(x)).backward()

@@ -53,7 +53,7 @@ from timm.models._features import feature_take_indices
 
 from .checkpoint_io import check_floating_point, state_dict_of
 from ._compat import LOADS_SAFETENSORS_HUB_FILENAME, autocast_dtype, build_mlp, calculate_drop_path_rates, checkpoint
-from ._compat import get_device_dtype, is_fx_tracing
+from ._compat import get_device_dtype, is_exporting, is_fx_tracing
 from .layers import gates
 from .layers.attention import peripheral_sdpa
 from .layers.position import POS_CACHE_BYTES, POS_MAX_BLOCK_BYTES, PeripheralPosition, PositionConvNet
@@ -243,9 +243,11 @@ class _GradLayoutConv2d(nn.Conv2d):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         weight = self.weight
-        traced = False  # FX symbolic tracing: the weight is a Proxy, its strides unknown
+        # FX symbolic tracing (the weight is a Proxy, its strides unknown) and export tracing (a graph for inference,
+        # which jit.trace's check may record again without autograd) take the conv as it is
+        traced = False
         if not torch.jit.is_scripting():
-            traced = is_fx_tracing()
+            traced = is_fx_tracing() or is_exporting()
         if not traced and torch.is_grad_enabled() and weight.requires_grad:
             view = weight.view(weight.shape)
             if view.stride() == weight.stride():
