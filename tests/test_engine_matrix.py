@@ -486,7 +486,7 @@ def test_torch_compile_eval_mode_gradients():
     x = _input()
     fast.eval(), plain.eval()
     # static shapes: with automatic dynamic shapes (after other sizes compiled in this process) torch 2.14's inductor
-    # cannot lower the checkpointed SDPA that a mask needing a gradient takes under compile, in train mode alike
+    # failed to lower this graph (a mask that needs a gradient takes the checkpointed SDPA under compile)
     compiled = torch.compile(fast, dynamic=False)
     with torch.no_grad():
         _assert_rel(compiled(x), plain(x), 1e-9)
