@@ -21,12 +21,7 @@ from torch.nn.parallel import DistributedDataParallel
 import timm_pervit
 from timm_pervit import PerViT
 
-
-def gather_equal(t: torch.Tensor) -> bool:
-    """True when every rank holds exactly the same tensor."""
-    parts = [torch.empty_like(t) for _ in range(dist.get_world_size())]
-    dist.all_gather(parts, t.contiguous())
-    return all(torch.equal(parts[0], p) for p in parts[1:])
+from ddp_worker import gather_equal  # the other DDP worker, beside this script (sys.path[0] when torchrun starts it)
 
 
 def main() -> None:

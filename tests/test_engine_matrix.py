@@ -84,6 +84,13 @@ def _loss(out: torch.Tensor) -> torch.Tensor:
     return (out * weights).sum() + out.square().mean()
 
 
+def _warm_cache(model: nn.Module, x: torch.Tensor) -> None:
+    """A cached inference (eval mode, no autograd: no BatchNorm statistics move); the caller sets the mode again."""
+    with torch.no_grad():
+        model.eval()(x)
+    assert model.pos_attn.cache_info()['entries'] == 1
+
+
 def _freeze_bn(model: nn.Module) -> nn.Module:
     for m in model.modules():
         if isinstance(m, nn.BatchNorm2d):
@@ -110,10 +117,7 @@ def test_gradients_in_every_mode_cold_and_after_a_cached_inference(mode, cache):
     for m in (fast, plain):
         MODES[mode](m)
     if cache == 'warm':
-        with torch.no_grad():
-            _freeze_bn(copy.deepcopy(fast))  # a deep copy does not share the cache
-            MODES['eval'](fast)(x)
-            assert fast.pos_attn.cache_info()['entries'] == 1
+        _warm_cache(fast, x)
         MODES[mode](fast)
     _loss(fast(x)).backward()
     _loss(plain(x)).backward()
@@ -125,9 +129,8 @@ def test_eval_mode_gradients_equal_frozen_bn_train_mode_gradients():
     ev, _ = _pair()
     tr, _ = _pair()
     x = _input()
-    with torch.no_grad():
-        ev.eval()(x)  # a cached inference first
-    _loss(ev.eval()(x)).backward()
+    _warm_cache(ev, x)
+    _loss(ev(x)).backward()
     _loss(_freeze_bn(tr.train())(x)).backward()
     _assert_same_grads(ev, tr)
 
@@ -204,8 +207,8 @@ def test_func_grad_over_functional_call(mode, cache):
     for m in (fast, plain):
         MODES[mode](m)
     if cache == 'warm':
-        with torch.no_grad():
-            fast(x)
+        _warm_cache(fast, x)
+        MODES[mode](fast)
     params = {n: p.detach() for n, p in fast.named_parameters()}
     got = grad(lambda p: _loss(functional_call(fast, p, (x,))))(params)
     _loss(plain(x)).backward()
@@ -237,8 +240,7 @@ def test_vmap_of_the_forward(cache):
     xs = torch.stack([_input(), _input() * 0.5])  # (2, B, C, H, W): vmap over the first dim
     fast.eval(), plain.eval()
     if cache == 'warm':
-        with torch.no_grad():
-            fast(xs[0])
+        _warm_cache(fast, xs[0])
     with torch.no_grad():
         out = vmap(fast)(xs)
         ref = torch.stack([plain(x) for x in xs])

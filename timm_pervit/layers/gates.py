@@ -33,13 +33,15 @@ CPU attention kernel     ``attention_path``           ``F.scaled_dot_product_att
 
 A new fast path gets a predicate here and a case in the differential test matrix (tests/test_engine_matrix.py).
 """
-from typing import Any, Iterable, Optional
+from typing import Any, Iterable
 
 import torch
 import torch.nn as nn
 from torch.autograd import forward_ad
 from torch.nn.utils import parametrize, prune
 from torch.nn.utils.weight_norm import WeightNorm
+
+from timm.layers import DropPath, Mlp
 
 from .._compat import autocast_dtype, is_compiling, is_exporting, is_fx_tracing
 
@@ -144,14 +146,6 @@ def _fast(module: nn.Module) -> bool:
     return bool(getattr(module, 'fast_paths', True))
 
 
-def _float_dtype(module: nn.Module) -> Optional[torch.Tensor]:
-    """The first floating-point parameter or buffer of ``module`` (quantized layers hold their weights elsewhere)."""
-    for t in module.parameters():
-        if t.is_floating_point():
-            return t
-    return None
-
-
 # ---- position attention (timm_pervit.layers.position) ---------------------------------------------------------------
 
 def use_position_cache(pos: nn.Module) -> bool:
@@ -238,7 +232,6 @@ def use_channels_last_stem(model: nn.Module) -> bool:
 
 def _identity_at_inference(m: nn.Module) -> bool:
     """A stock identity, or a stock dropout / stochastic depth that is switched off (eval mode or probability 0)."""
-    from timm.layers import DropPath
     if is_stock(m, nn.Identity):
         return True
     if is_stock(m, nn.Dropout):
@@ -256,7 +249,6 @@ def use_inplace_mlp(block: nn.Module, x: torch.Tensor) -> bool:
     """
     if not _fast(block) or torch.is_grad_enabled() or is_fx_tracing() or is_compiling() or is_exporting():
         return False
-    from timm.layers import Mlp
     mlp = block.mlp
     if type(mlp) is not Mlp or not is_plain(mlp) or not is_stock(mlp.act, nn.GELU) or type(mlp.norm) is not nn.Identity:
         return False

@@ -616,7 +616,8 @@ class PeripheralPosition(nn.Module):
             if not inside_parametrization and type(m) is _QUANTIZED_LINEAR:
                 # dynamic int8 (quantize_dynamic): its state is the packed weight and bias, read back as values
                 modules.append(id(m))
-                tensors += [m.weight().dequantize()] + ([m.bias()] if m.bias() is not None else [])
+                bias = m.bias()
+                tensors += [m.weight().dequantize()] + ([bias] if bias is not None else [])
                 continue
             if not inside_parametrization and not (
                     type(m) is PositionConvNet or gates.base_type(m) in _KEYED_TYPES):
@@ -646,8 +647,9 @@ class PeripheralPosition(nn.Module):
 
     @torch.jit.unused
     def _cached(self, h: int, w: int, num_blocks: int, lazy: bool) -> Sequence[torch.Tensor]:
-        """The position attention through the cache (``lazy``: a grid that does not fit is built block by block)."""
-        state = self._state() if gates.use_position_cache(self) else None
+        """The position attention through the cache, where ``gates.use_position_cache`` holds (the caller checks);
+        ``lazy``: a grid that does not fit is built block by block."""
+        state = self._state()
         if state is None:
             return self.compute(h, w, num_blocks)
         modules, values = state
@@ -697,7 +699,11 @@ class PeripheralPosition(nn.Module):
     @torch.jit.unused
     @_compiler_disable
     def _cached_outside_graph(self, h: int, w: int, num_blocks: int) -> List[torch.Tensor]:
-        """``_cached`` run eagerly from a compiled model: a graph break, and the graph takes the tensors as inputs."""
+        """``_cached`` run eagerly from a compiled model: a graph break, and the graph takes the tensors as inputs.
+
+        The gate is decided again here, eagerly: while dynamo traced, no transform could be seen."""
+        if not gates.use_position_cache(self):
+            return self.compute(h, w, num_blocks)
         return list(self._cached(h, w, num_blocks, lazy=False))
 
     def _cached_bytes(self) -> int:
