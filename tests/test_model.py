@@ -10,6 +10,7 @@ import torch.nn as nn
 from torch.utils import flop_counter
 from torch.utils.flop_counter import FlopCounterMode
 
+from timm_pervit.layers import gates
 from timm_pervit.layers.attention import _HAS_CPU_FLASH
 from timm_pervit.flops import count_gmacs, flop_counter_mode
 
@@ -594,19 +595,18 @@ def test_inference_mlp_runs_in_place():
     assert in_place_gelus(lambda: model(x).sum().backward()) == 0
 
 
-def test_position_windows_function_gradcheck():
-    """The training build of the position attention (``_PositionWindows``, an autograd Function calling aten kernels
-    directly) passes gradcheck for every input, with one query row per chunk and with all rows in one chunk. (On
-    torch 2.1 a strided gradient handed to the GroupNorm backward kernel gave wrong gradients without any error.)"""
-    from timm_pervit.layers.position import _PositionWindows
+def test_offset_grid_build_passes_gradcheck():
+    """The training build of the position attention (an autograd Function with a hand-written backward) passes
+    gradcheck for every position parameter, with one query per chunk and with all queries in one chunk. (On torch 2.1
+    a strided gradient handed to the GroupNorm backward kernel gave wrong gradients without any error.)"""
+    from torch.func import functional_call
     torch.manual_seed(0)
-    h, w, c, heads = 3, 4, 8, 2
-    f64 = dict(dtype=torch.float64)
-    inputs = [torch.randn(2 * h + 1, 2 * w + 1, c, **f64), torch.rand(h, w, c, **f64) + 0.5,
-              torch.randn(h, w, c, **f64), torch.randn(heads, c, 3, 3, **f64), torch.randn(heads, **f64),
-              torch.rand(heads, **f64) + 0.5, torch.randn(heads, **f64)]
-    inputs = [t.requires_grad_() for t in inputs]
+    pos = make_micro(dtype=torch.float64).pos_attn
+    h, w = 3, 4
+    names = [k for k, _ in pos.named_parameters()]
+    params = [(p.detach() + 0.1 * torch.randn_like(p)).requires_grad_() for _, p in pos.named_parameters()]
+    assert gates.use_offset_build(pos, len(pos.blocks))
     for chunk_bytes in (1, 1 << 22):
-        with pytest.MonkeyPatch.context() as mp:
-            mp.setattr(_PositionWindows, 'chunk_bytes', chunk_bytes)
-            assert torch.autograd.gradcheck(lambda *a: _PositionWindows.apply(*a, 1e-5), inputs, eps=1e-6, atol=1e-5)
+        pos.chunk_bytes = chunk_bytes
+        assert torch.autograd.gradcheck(
+            lambda *a: torch.stack(functional_call(pos, dict(zip(names, a)), (h, w))), params, eps=1e-6, atol=1e-5)

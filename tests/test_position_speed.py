@@ -86,18 +86,17 @@ def _perturbed_micro(**kwargs):
 
 @pytest.mark.parametrize('chunk_bytes', [1, 30000, None], ids=['row', 'rows', 'default'])
 @pytest.mark.parametrize('grid', [(3, 5), (6, 4), (2, 2)])
-def test_offset_grid_build_matches_the_reference_with_gradients(grid, chunk_bytes, monkeypatch):
+def test_offset_grid_build_matches_the_reference_with_gradients(grid, chunk_bytes):
     """The training build through the key-query offset grid equals the unfolded official formulation.
 
     Chunks of one row of queries, of two (an uneven last chunk for 3 rows), and the default (all rows at once here).
     """
-    from timm_pervit.layers.position import _PositionWindows
     from timm_pervit.reference import official_position_attention
-    if chunk_bytes is not None:
-        monkeypatch.setattr(_PositionWindows, 'chunk_bytes', chunk_bytes)
     h, w = grid
     model = _perturbed_micro()
     pos = model.pos_attn
+    if chunk_bytes is not None:
+        pos.chunk_bytes = chunk_bytes
     assert gates.use_offset_build(pos, len(pos.blocks))  # the plain model takes the offset-grid path
     fast = torch.stack(pos.compute(h, w))
     cotangent = torch.randn_like(fast)

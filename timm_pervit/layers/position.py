@@ -30,7 +30,7 @@ from .attention import differentiable_grads
 
 __all__ = [
     'PeripheralPosition', 'PositionConvNet', 'PositionMemoryError', 'POS_CACHE_BYTES', 'POS_MAX_BLOCK_BYTES',
-    'KEY_PAD',
+    'POS_CHUNK_BYTES', 'KEY_PAD',
 ]
 
 _logger = logging.getLogger(__name__)
@@ -42,6 +42,9 @@ POS_CACHE_BYTES = 512 * 2 ** 20
 #: Default bound of one block's position attention (``max_block_bytes``): heads x (h*w)^2 values; pervit_tiny reaches
 #: it near 2400 px. A larger input gets a ``PositionMemoryError`` before anything is allocated.
 POS_MAX_BLOCK_BYTES = 8 * 2 ** 30
+
+#: Default working-set bytes of one chunk of queries in the offset-grid build (``chunk_bytes``): cache-sized.
+POS_CHUNK_BYTES = 1 << 22
 
 #: Key positions added on each side of the token grid for the position encoding: the two valid 3x3 convs of
 #: ``PositionConvNet`` remove them again.
@@ -129,17 +132,14 @@ class _PositionWindows(torch.autograd.Function):
     when autograd records it (second-order gradients), through ``plain``.
     """
 
-    #: Bytes of one chunk's conv2 input (at least one row of queries).
-    chunk_bytes: int = 1 << 22
-
     @staticmethod
     def forward(
             ctx: Any, g: torch.Tensor, scale1: torch.Tensor, shift1: torch.Tensor, weight2: torch.Tensor,
-            bias2: torch.Tensor, gamma2: torch.Tensor, beta2: torch.Tensor, eps2: float,
+            bias2: torch.Tensor, gamma2: torch.Tensor, beta2: torch.Tensor, eps2: float, chunk_bytes: int,
     ) -> torch.Tensor:
         h, w, c = scale1.shape
         kh, kw, heads, n = h + 2, w + 2, weight2.shape[0], h * w
-        rows = max(1, _PositionWindows.chunk_bytes // (w * kh * kw * c * g.element_size()))
+        rows = max(1, chunk_bytes // (w * kh * kw * c * g.element_size()))
         dd = dict(dtype=g.dtype, device=g.device)
         out = torch.empty(heads, h, w, n, **dd)
         z_all = torch.empty(h * w, heads, h, w, **dd)
@@ -182,12 +182,12 @@ class _PositionWindows(torch.autograd.Function):
     def backward(ctx: Any, grad_out: torch.Tensor) -> Tuple[Optional[torch.Tensor], ...]:
         g, scale1, shift1, weight2, bias2, gamma2, beta2, z_all, mean_all, rstd_all = ctx.saved_tensors
         eps2, rows = ctx.eps2, ctx.rows
-        need_g, need_scale, need_shift, need_w2, need_b2, need_gamma, need_beta, _ = ctx.needs_input_grad
+        need_g, need_scale, need_shift, need_w2, need_b2, need_gamma, need_beta = ctx.needs_input_grad[:7]
         if torch.is_grad_enabled():
             # autograd records this backward (create_graph=True): the gradients of the plain formula, differentiable
             inputs = (g, scale1, shift1, weight2, bias2, gamma2, beta2)
             return differentiable_grads(
-                _PositionWindows.plain, inputs, ctx.needs_input_grad[:7], grad_out, eps2) + (None,)
+                _PositionWindows.plain, inputs, ctx.needs_input_grad[:7], grad_out, eps2) + (None, None)
         need_y = need_g or need_scale or need_shift
         h, w, c = scale1.shape
         kh, kw, heads, n = h + 2, w + 2, weight2.shape[0], h * w
@@ -244,7 +244,7 @@ class _PositionWindows(torch.autograd.Function):
                 rows_in = r1 - r0 + kh - 1
                 dx = torch.ops.aten.unfold_backward(dx, [r1 - r0, g.shape[1], c, kh], 1, kw, 1)
                 grad_g[r0:r0 + rows_in] += torch.ops.aten.unfold_backward(dx, [rows_in, g.shape[1], c], 0, kh, 1)
-        return grad_g, grad_scale, grad_shift, grad_w2, grad_b2, grad_gamma, grad_beta, None
+        return grad_g, grad_scale, grad_shift, grad_w2, grad_b2, grad_gamma, grad_beta, None, None
 
 
 class PositionConvNet(nn.Module):
@@ -310,6 +310,7 @@ class PositionConvNet(nn.Module):
     @torch.jit.unused
     def forward_offsets(
             self, offsets: torch.Tensor, h: int, w: int, proj_weight: torch.Tensor, proj_bias: torch.Tensor,
+            chunk_bytes: int = POS_CHUNK_BYTES,
     ) -> torch.Tensor:
         """Compute ``log(phi_p)`` (H, h*w, h*w) from the distances of the key-query offset grid, (2h+3, 2w+3).
 
@@ -336,7 +337,7 @@ class PositionConvNet(nn.Module):
         return _PositionWindows.apply(
             g.permute(1, 2, 0).contiguous(), scale1.permute(1, 2, 0).contiguous(),
             shift1.permute(1, 2, 0).contiguous(), self.conv2.weight, conv2_bias, self.norm2.weight, self.norm2.bias,
-            self.norm2.eps)
+            self.norm2.eps, chunk_bytes)
 
 
 class _CacheEntry(NamedTuple):
@@ -413,7 +414,9 @@ class PeripheralPosition(nn.Module):
     One block's position attention takes heads x (h*w)^2 values; above ``max_block_bytes`` a ``PositionMemoryError``
     names the grid, the bytes and the setting before anything is allocated.
     """
-    __jit_ignored_attributes__ = ['_cache', '_cache_lock', '_lock_pid', '_warned_cache_bytes', '_state_plan']
+    __jit_ignored_attributes__ = [
+        '_cache', '_cache_lock', '_lock_pid', '_warned_cache_bytes', '_state_plan', '_counts']
+    __jit_unused_properties__ = ['cache_lock']
 
     def __init__(
             self,
@@ -424,6 +427,7 @@ class PeripheralPosition(nn.Module):
             cache_bytes: int = POS_CACHE_BYTES,
             max_block_bytes: int = POS_MAX_BLOCK_BYTES,
             fast_paths: bool = True,
+            chunk_bytes: int = POS_CHUNK_BYTES,
             device=None,
             dtype=None,
     ):
@@ -436,6 +440,8 @@ class PeripheralPosition(nn.Module):
             cache_bytes: Most bytes the kept position attention may take (0 disables the cache).
             max_block_bytes: Most bytes one block's position attention may take (larger inputs are refused).
             fast_paths: Take the gated fast paths (False: the plain path everywhere).
+            chunk_bytes: Working-set bytes of one chunk of queries in the offset-grid build (speed only: every value
+                gives the same result).
             device: Device of the parameters.
             dtype: Dtype of the parameters.
         """
@@ -447,6 +453,7 @@ class PeripheralPosition(nn.Module):
         self.cache_bytes = cache_bytes
         self.max_block_bytes = max_block_bytes
         self.fast_paths = fast_paths
+        self.chunk_bytes = chunk_bytes
         self.dist_proj = nn.Linear(1, 4 * num_heads, **dd)
         self.blocks = nn.ModuleList([PositionConvNet(num_heads, eps=eps, **dd) for _ in range(depth)])
         self._cache: 'OrderedDict[Tuple[Any, ...], _CacheEntry]' = OrderedDict()
@@ -454,6 +461,7 @@ class PeripheralPosition(nn.Module):
         self._lock_pid = os.getpid()
         self._warned_cache_bytes = False
         self._state_plan: Optional[Tuple[Tuple[Any, ...], List[List[int]]]] = None
+        self._counts = dict(hits=0, misses=0, builds=0)
 
     def __getstate__(self) -> Dict[str, Any]:
         # a lock can be neither pickled nor deep-copied; the copy starts with an empty cache of its own
@@ -461,6 +469,7 @@ class PeripheralPosition(nn.Module):
         state.pop('_cache_lock', None)
         state['_cache'] = OrderedDict()
         state['_state_plan'] = None
+        state['_counts'] = dict(hits=0, misses=0, builds=0)
         return state
 
     def __setstate__(self, state: Dict[str, Any]) -> None:
@@ -468,7 +477,8 @@ class PeripheralPosition(nn.Module):
         self._cache_lock = threading.Lock()
         self._lock_pid = os.getpid()
         for name, value in (('_cache', OrderedDict()), ('cache_bytes', POS_CACHE_BYTES), ('_warned_cache_bytes', False),
-                            ('_state_plan', None), ('max_block_bytes', POS_MAX_BLOCK_BYTES), ('fast_paths', True)):
+                            ('_state_plan', None), ('max_block_bytes', POS_MAX_BLOCK_BYTES), ('fast_paths', True),
+                            ('chunk_bytes', POS_CHUNK_BYTES), ('_counts', dict(hits=0, misses=0, builds=0))):
             self.__dict__.setdefault(name, value)
 
     def _lock(self) -> threading.Lock:
@@ -479,6 +489,18 @@ class PeripheralPosition(nn.Module):
             self._cache = OrderedDict()
             self._lock_pid = os.getpid()
         return self._cache_lock
+
+    @property
+    def cache_lock(self) -> threading.Lock:
+        """The lock of the cache's bookkeeping in this process (hold it to make several cache calls atomic)."""
+        return self._lock()
+
+    @torch.jit.unused
+    def _count(self, name: str, n: int = 1) -> None:
+        """Add to a ``cache_info`` counter; eager calls only (a traced or exported graph has no such side effect)."""
+        if not is_compiling() and not is_exporting():
+            with self._lock():
+                self._counts[name] += n
 
     def init_weights(self) -> None:
         """Peripheral initialization of the paper (block i of D: GN2 bias linspace(-5, 4), weight linspace(3, .01))."""
@@ -569,10 +591,11 @@ class PeripheralPosition(nn.Module):
         if not torch.jit.is_scripting():
             if not is_exporting() and not is_compiling():
                 self._check_block_bytes(h, w)
+            self._count('builds', len(indices))
             if gates.use_offset_build(self, max(indices) + 1 if indices else 0):
                 offsets = self.offset_distances(h, w)
                 weight, bias = self.dist_proj.weight, self.dist_proj.bias
-                return [self.blocks[i].forward_offsets(offsets, h, w, weight, bias) for i in indices]
+                return [self.blocks[i].forward_offsets(offsets, h, w, weight, bias, self.chunk_bytes) for i in indices]
         dist = self.distances(h, w)
         feats: Optional[torch.Tensor] = None
         n = h * w
@@ -661,7 +684,9 @@ class PeripheralPosition(nn.Module):
             if entry is not None:
                 self._cache.move_to_end(key)
         if entry is not None and entry.computed_from(modules, values):
+            self._count('hits')
             return entry.tensors[:num_blocks]
+        self._count('misses')
 
         self._check_block_bytes(h, w)
         nbytes = len(self.blocks) * self.block_bytes(h, w) + sum(v.numel() * v.element_size() for v in values)
@@ -709,17 +734,28 @@ class PeripheralPosition(nn.Module):
     def _cached_bytes(self) -> int:
         return sum(e.nbytes for e in self._cache.values())
 
-    def cache_info(self) -> Dict[str, int]:
-        """Entries and bytes held by the inference cache, and its bounds."""
+    @torch.jit.unused
+    def cache_info(self) -> Dict[str, Any]:
+        """The inference cache: entries and bytes held, its bounds, the grids held (least recently used first) and
+        counters since creation or the last ``clear_cache()``.
+
+        Returns:
+            ``entries``, ``bytes``, ``max_entries``, ``max_bytes``; ``grids``: one ``(h, w, dtype, autocast dtype or
+            None)`` per entry; ``hits`` and ``misses``: cache lookups answered from an entry or not (a miss computes,
+            or builds block by block when the grid does not fit); ``builds``: blocks whose position attention was
+            computed, by any path, in eager calls.
+        """
         with self._lock():
             return dict(
                 entries=len(self._cache), bytes=self._cached_bytes(), max_entries=self.cache_size,
-                max_bytes=self.cache_bytes)
+                max_bytes=self.cache_bytes, grids=[(k[0], k[1], k[3], k[4]) for k in self._cache], **self._counts)
 
+    @torch.jit.unused
     def clear_cache(self) -> None:
-        """Drop all cached position attention (it is rebuilt on demand)."""
+        """Drop all cached position attention (it is rebuilt on demand) and reset the ``cache_info`` counters."""
         with self._lock():
             self._cache.clear()
+            self._counts = dict(hits=0, misses=0, builds=0)
 
     def forward(self, h: int, w: int, num_blocks: Optional[int] = None) -> List[torch.Tensor]:
         """Return ``log(phi_p)`` of the first ``num_blocks`` blocks for an h x w token grid, each (H, h*w, h*w).
