@@ -17,8 +17,8 @@ import torch
 import torch.nn.functional as F
 
 import timm_pervit  # noqa: F401
-from timm_pervit.benchmark import count_macs, gemm_roofline
-from timm_pervit.official import build_official_model, load_official_code
+from timm_pervit.tools.benchmark import count_macs, gemm_roofline
+from timm_pervit.tools.official import build_official_model, load_official_code
 
 p = argparse.ArgumentParser()
 p.add_argument('--official-repo', required=True)

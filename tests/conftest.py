@@ -69,7 +69,7 @@ class PervitOfficialCheckpoint:
 def pervit_tiny_official(tmp_path_factory):
     import argparse
     import timm
-    from timm_pervit.convert import to_official
+    from timm_pervit import timm_to_official
     gen = torch.Generator().manual_seed(1234)
     model = timm.create_model('pervit_tiny')
     with torch.no_grad():
@@ -77,7 +77,7 @@ def pervit_tiny_official(tmp_path_factory):
             if t.is_floating_point():
                 t.add_(torch.randn(t.shape, generator=gen) * 0.02)
     source = {k: v.clone() for k, v in model.state_dict().items()}
-    official = to_official(source)
+    official = timm_to_official(source)
     path = tmp_path_factory.mktemp('official') / 'pervit_tiny_official.pth'
     torch.save({
         'model': official,
@@ -96,7 +96,7 @@ def pervit_hub_root(tmp_path_factory, pervit_tiny_official):
 
     Returns (root, ConversionResult)."""
     from timm_pervit import HF_HUB_NAMESPACE
-    from timm_pervit.convert import convert_checkpoint
+    from timm_pervit.tools.convert import convert_checkpoint
     root = tmp_path_factory.mktemp('hub')
     result = convert_checkpoint(
         pervit_tiny_official.path, root / HF_HUB_NAMESPACE / 'pervit_tiny.in1k', verify=True)

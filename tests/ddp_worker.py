@@ -26,7 +26,7 @@ from timm.optim import create_optimizer_v2
 from timm.utils import distribute_bn, init_distributed_device
 from torch.nn.parallel import DistributedDataParallel
 
-from timm_pervit.recipes import SAFE_AUGMENTATION, augmentation_problem
+from timm_pervit.tools.recipes import SAFE_AUGMENTATION, augmentation_problem
 
 def fresh_eval(model: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
     ref = copy.deepcopy(model).eval()

@@ -14,9 +14,9 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 from timm.models import register_model
 
-from timm_pervit import benchmark
+from timm_pervit.tools import benchmark
 from timm_pervit.pervit import PeripheralAttention, PerViT, checkpoint_filter_fn
-from timm_pervit.reference import OfficialFormula, official_position_attention
+from timm_pervit.tools.reference import OfficialFormula, official_position_attention
 
 from .conftest import MICRO_KWARGS as MICRO
 
@@ -63,7 +63,7 @@ def test_reference_matches_official_fixture():
 def test_reference_caches_position_attention_at_inference_only(monkeypatch):
     """Like the official code: at inference the position attention is computed once (init_rpe()) and reused, in
     training it is rebuilt every step; a mode switch or a dtype move drops the kept copy."""
-    from timm_pervit import reference
+    from timm_pervit.tools import reference
     calls = []
 
     def counting(*args):
@@ -236,15 +236,15 @@ def test_float32_gate_option(capsys):
 # conventions the loader relies on (model/pervit.py: VisionTransformer(num_classes, num_heads, emb_dims,
 # convstem_dims, norm_layer), .num_patches, .init_rpe(), plain-tensor attributes made with .cuda()/.to('cuda');
 # model/models.py: variant entry points registered with timm's @register_model, importing `model.pervit`), with
-# parameters in the official key layout. Its forward is this package's explicit formula (timm_pervit.reference).
+# parameters in the official key layout. Its forward is this package's explicit formula (timm_pervit.tools.reference).
 _FAKE_PERVIT = '''
 import torch
 import torch.nn as nn
 from torch.func import functional_call
 
-from timm_pervit.convert import to_official
-from timm_pervit.pervit import PerViT, official_to_timm as convert_official
-from timm_pervit.reference import OfficialFormula
+from timm_pervit import timm_to_official
+from timm_pervit.pervit import PerViT, official_to_timm
+from timm_pervit.tools.reference import OfficialFormula
 
 from .utils import offsets
 
@@ -270,8 +270,8 @@ class VisionTransformer(nn.Module):
         self.rpe_initialized = False
         net = PerViT(in_chans=convstem_dims[0], num_classes=num_classes, embed_dims=tuple(emb_dims),
                      stem_dims=tuple(convstem_dims[1:]), num_heads=num_heads, norm_eps=norm_layer(1).eps)
-        params = set(to_official(dict(net.named_parameters())))
-        for name, tensor in to_official(net.state_dict()).items():
+        params = set(timm_to_official(dict(net.named_parameters())))
+        for name, tensor in timm_to_official(net.state_dict()).items():
             _add(self, name, tensor.detach(), name in params)
         self._formula = [OfficialFormula(net)]  # a list: not a submodule, the parameters above are the model's
 
@@ -285,7 +285,7 @@ class VisionTransformer(nn.Module):
     def forward(self, x):
         assert self.rpe.device == x.device and self.rpe.dtype == x.dtype
         assert self.training != self.rpe_initialized, 'init_rpe() at inference only'
-        tensors = convert_official(dict(self.named_parameters()) | dict(self.named_buffers()))
+        tensors = official_to_timm(dict(self.named_parameters()) | dict(self.named_buffers()))
         return functional_call(self._formula[0], {'model.' + k: v for k, v in tensors.items()}, (x,))
 '''
 
@@ -315,7 +315,7 @@ def test_official_loader_builds_and_loads_strictly(fake_official_repo):
     """The official code is imported from the checkout without leaking its ``model`` package or its timm
     registrations, built with its .cuda() calls redirected, loaded strictly, and prepared per mode."""
     import timm
-    from timm_pervit import official
+    from timm_pervit.tools import official
     cuda, to = torch.Tensor.cuda, torch.Tensor.to
     code = official.load_official_code(fake_official_repo)
     assert 'model' not in sys.modules and str(fake_official_repo) not in sys.path
@@ -335,7 +335,7 @@ def test_official_loader_builds_and_loads_strictly(fake_official_repo):
 
 def test_official_loader_names_missing_dependency(fake_official_repo):
     (fake_official_repo / 'model' / 'pervit.py').write_text('import einops_not_installed_here\n' + _FAKE_PERVIT)
-    from timm_pervit import official
+    from timm_pervit.tools import official
     with pytest.raises(ImportError, match='pip install einops_not_installed_here'):
         official.load_official_code(fake_official_repo)
     assert 'model' not in sys.modules

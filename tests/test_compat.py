@@ -269,7 +269,7 @@ def test_create_under_meta_device_context():
 
 @pytest.mark.parametrize('local_dir', [True, False], ids=['installed_timm', 'timm_lt_1_0_26_fallback'])
 def test_folder_round_trip(tmp_path, monkeypatch, local_dir):
-    from timm_pervit.model_card import save_for_hf
+    from timm_pervit.tools.model_card import save_for_hf
     """A micro model saved with its data config and a pretrained-config update reloads with the same architecture,
     weights, outputs and configs: timm 1.0.31's save_for_hf / local-dir:, or the steps that stand in for them."""
     if not local_dir:

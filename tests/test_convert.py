@@ -13,16 +13,17 @@ from safetensors.torch import load_file
 
 from timm_pervit import PERVIT_VARIANTS
 from timm_pervit._compat import timm_loads_files_weights_only
-from timm_pervit.convert import convert_checkpoint, load_checkpoint, main, push_folder, to_official
+from timm_pervit.tools.convert import convert_checkpoint, load_checkpoint, main, push_folder
+from timm_pervit import timm_to_official
 from timm_pervit.paper import PAPER_RESULTS
-from timm_pervit.pervit import official_to_timm as convert_official
+from timm_pervit.pervit import official_to_timm
 
 from .conftest import FIXTURES
 
 
 def test_to_official_inverts_convert_official():
     official = load_file(os.path.join(FIXTURES, 'micro_official_state_dict.safetensors'))
-    back = to_official(convert_official(official))
+    back = timm_to_official(official_to_timm(official))
     assert back.keys() == official.keys()
     for k, v in official.items():
         assert torch.equal(back[k], v), k

@@ -10,7 +10,7 @@ import timm
 import torch
 
 from timm_pervit._compat import create_model_from_folder
-from timm_pervit.demo import (
+from timm_pervit.tools.demo import (
     NUM_CLASSES, choose_threads, evaluate, family_table, load_digits_split, main, run_demo, train)
 
 from .conftest import MICRO_ARCH, make_micro

@@ -169,7 +169,7 @@ def test_repo_not_published(tmp_path, pervit_hf_env):
             timm.create_model('pervit_tiny', pretrained=True)
     msg = str(info.value)
     assert info.value.reason == 'not_published' and REPO in msg and 'does not exist' in msg
-    assert 'python -m timm_pervit.convert' in msg and 'pretrained_cfg_overlay=dict(file=' in msg
+    assert 'python -m timm_pervit convert' in msg and 'pretrained_cfg_overlay=dict(file=' in msg
     _assert_nothing_half_written(cache)
 
 
@@ -204,7 +204,7 @@ def test_offline_without_cache(how, tmp_path, pervit_hf_env, monkeypatch):
     with pytest.raises(PretrainedWeightsError) as info:
         timm.create_model('pervit_tiny', pretrained=True)
     msg = str(info.value)
-    assert info.value.reason == 'offline' and 'no copy' in msg and 'timm_pervit.convert' in msg
+    assert info.value.reason == 'offline' and 'no copy' in msg and 'timm_pervit convert' in msg
     if how == 'HF_HUB_OFFLINE':
         assert 'HF_HUB_OFFLINE=1 is set' in msg
     else:  # worded by the actual cause: nothing about HF_HUB_OFFLINE, which is not set

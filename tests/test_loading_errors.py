@@ -17,7 +17,7 @@ import timm
 import torch
 from huggingface_hub import constants as hf_constants
 
-from timm_pervit.convert import main as convert_main
+from timm_pervit.tools.convert import main as convert_main
 from timm_pervit.hub import PretrainedWeightsError, explain_pretrained_error, hub_timeout
 
 from .conftest import MICRO_KWARGS

@@ -12,7 +12,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from timm_pervit.layers import gates
 from timm_pervit.layers.attention import _HAS_CPU_FLASH
-from timm_pervit.flops import count_gmacs, flop_counter_mode
+from timm_pervit.tools.flops import count_gmacs, flop_counter_mode
 
 import timm_pervit
 

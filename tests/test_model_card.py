@@ -11,8 +11,8 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from timm_pervit._compat import create_model_from_folder
-from timm_pervit.flops import count_gmacs
-from timm_pervit.model_card import model_card, save_for_hf, variant_stats
+from timm_pervit.tools.flops import count_gmacs
+from timm_pervit.tools.model_card import model_card, save_for_hf, variant_stats
 from timm_pervit.paper import CITATION, PAPER_RESULTS, TIMM_CITATION
 
 from .conftest import MICRO_KWARGS

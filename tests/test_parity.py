@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 
 from timm_pervit import checkpoint_filter_fn
-from timm_pervit.pervit import official_to_timm as convert_official
+from timm_pervit.pervit import official_to_timm
 
 from .conftest import FIXTURES, make_micro
 
@@ -55,7 +55,7 @@ def test_parity_float64_outputs_loss_and_gradients(fused):
     torch.testing.assert_close(loss.reshape(1), expected['loss_train'], rtol=0, atol=1e-10)
 
     # every parameter's gradient, mapped back to the official names through the converter
-    official_to_ours = dict(zip(official.keys(), convert_official(official).keys()))
+    official_to_ours = dict(zip(official.keys(), official_to_timm(official).keys()))
     params = dict(model.named_parameters())
     grads = {k[len('grad.'):]: v for k, v in expected.items() if k.startswith('grad.')}
     assert len(grads) == len(params), 'the fixture has a gradient for every parameter'

@@ -91,7 +91,7 @@ def test_offset_grid_build_matches_the_reference_with_gradients(grid, chunk_byte
 
     Chunks of one row of queries, of two (an uneven last chunk for 3 rows), and the default (all rows at once here).
     """
-    from timm_pervit.reference import official_position_attention
+    from timm_pervit.tools.reference import official_position_attention
     h, w = grid
     model = _perturbed_micro()
     pos = model.pos_attn
@@ -134,7 +134,7 @@ def test_training_step_same_with_and_without_the_offset_grid_path():
 
 def test_offset_grid_build_at_inference_and_in_float32():
     """Eval-mode builds (a cache miss) take the same path; float32 agrees with the float64 reference closely."""
-    from timm_pervit.reference import official_position_attention
+    from timm_pervit.tools.reference import official_position_attention
     model = _perturbed_micro().eval()
     ref = torch.stack(official_position_attention(model, 4, 7)).log()
     with torch.no_grad():

@@ -1,4 +1,4 @@
-"""The shared progress helper (timm_pervit._progress): a bar on a terminal, plain periodic lines elsewhere, or none.
+"""The shared progress helper (timm_pervit.tools.progress): a bar on a terminal, plain periodic lines elsewhere, or none.
 
 The command lines that use it (demo, benchmark) are run into log files in tests/test_demo.py and
 tests/test_benchmark.py."""
@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from timm_pervit._progress import Progress, add_progress_arguments, resolve_mode
+from timm_pervit.tools.progress import Progress, add_progress_arguments, resolve_mode
 
 
 class _Terminal(io.StringIO):
@@ -98,7 +98,7 @@ def test_converter_hub_upload_bars_only_on_a_terminal(args, disabled, monkeypatc
     huggingface_hub's upload bars for --push-to-hub."""
     import huggingface_hub.utils
 
-    from timm_pervit import convert
+    from timm_pervit.tools import convert
     calls = []
     monkeypatch.setattr(huggingface_hub.utils, 'disable_progress_bars', lambda: calls.append(1))
 

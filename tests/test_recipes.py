@@ -9,8 +9,8 @@ from typing import Any
 import pytest
 import timm
 
-from timm_pervit.recipes import RECIPE_VARIANTS, load_recipe, recipe_path, train_command
-from timm_pervit.recipes import main as recipe_main
+from timm_pervit.tools.recipes import RECIPE_VARIANTS, load_recipe, recipe_path, train_command
+from timm_pervit.tools.recipes import main as recipe_main
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -129,14 +129,14 @@ def test_recipe_values_work_with_timm():
 
 
 def test_recipe_files_are_package_data():
-    """Each variant's recipe is a file of the ``timm_pervit.recipes`` package matched by pyproject.toml's package-data
+    """Each variant's recipe is a file of the ``timm_pervit.tools.recipes`` package matched by pyproject.toml's package-data
     patterns (so wheels ship it), and the package holds no other recipe."""
     from setuptools.config.pyprojecttoml import load_file
 
-    import timm_pervit.recipes
+    import timm_pervit.tools.recipes
 
-    package_dir = Path(timm_pervit.recipes.__file__).parent
-    patterns = load_file(REPO / 'pyproject.toml')['tool']['setuptools']['package-data']['timm_pervit.recipes']
+    package_dir = Path(timm_pervit.tools.recipes.__file__).parent
+    patterns = load_file(REPO / 'pyproject.toml')['tool']['setuptools']['package-data']['timm_pervit.tools.recipes']
     for variant in RECIPE_VARIANTS:
         path = recipe_path(variant)
         assert path == package_dir / f'{variant}.yaml' and path.is_file()
@@ -168,7 +168,7 @@ def test_recipe_cli_warns_when_the_recipe_augmentation_would_crash(capsys):
     command says so (on stderr, naming the fix) exactly when the installed timm + Pillow pair fails that way."""
     from PIL import Image
     from timm.data import auto_augment
-    from timm_pervit.recipes import augmentation_problem
+    from timm_pervit.tools.recipes import augmentation_problem
     op = auto_augment.AugmentOp('PosterizeIncreasing', prob=1.0, magnitude=10)  # what the recipe reaches, clipped
     image = Image.new('RGB', (8, 8), (200, 100, 50))
     try:

@@ -22,7 +22,7 @@ import torch.nn.utils.parametrize as parametrize
 from torch.nn.utils import prune
 
 import timm_pervit  # noqa: F401
-from timm_pervit.reference import official_position_attention
+from timm_pervit.tools.reference import official_position_attention
 
 from .conftest import make_micro
 

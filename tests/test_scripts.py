@@ -27,7 +27,7 @@ from timm.scheduler import create_scheduler_v2
 from timm.utils import CheckpointSaver, ModelEmaV3, ParseKwargs, accuracy
 
 from timm_pervit import PerViT
-from timm_pervit.recipes import SAFE_AUGMENTATION, augmentation_problem
+from timm_pervit.tools.recipes import SAFE_AUGMENTATION, augmentation_problem
 
 from .conftest import MICRO_ARCH
 

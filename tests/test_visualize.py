@@ -1,4 +1,4 @@
-"""Non-locality, head sorting and the position-attention plots of ``timm_pervit.visualize`` (micro models, CPU)."""
+"""Non-locality, head sorting and the position-attention plots of ``timm_pervit.tools.visualize`` (micro models, CPU)."""
 import math
 import subprocess
 import sys
@@ -7,7 +7,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from timm_pervit.visualize import (
+from timm_pervit.tools.visualize import (
     head_order, load_model, main, non_locality, plot_non_locality, plot_position_attention, token_distances,
     token_grid, visualize_model,
 )

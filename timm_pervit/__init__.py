@@ -2,7 +2,7 @@
 
 Importing this package registers ``pervit_tiny``, ``pervit_small`` and ``pervit_medium`` with timm. Helpers that
 registering does not need (``PretrainedWeightsError`` from ``timm_pervit.hub``, ``count_gmacs`` from
-``timm_pervit.flops``) are imported on first use, so the start-up hook that imports this package in every process
+``timm_pervit.tools.flops``) are imported on first use, so the start-up hook that imports this package in every process
 using timm stays as cheap as the models themselves.
 """
 import importlib
@@ -17,7 +17,7 @@ __all__ = [
 ]
 
 #: Public names imported from their submodule on first access: name -> submodule.
-_LAZY = {'PretrainedWeightsError': 'hub', 'count_gmacs': 'flops'}
+_LAZY = {'PretrainedWeightsError': 'hub', 'count_gmacs': 'tools.flops'}
 
 
 def _running_command_line() -> bool:

@@ -12,11 +12,12 @@ from typing import List, Optional
 
 #: command -> (module, one-line help)
 COMMANDS = {
-    'demo': ('timm_pervit.demo', 'offline end-to-end demo: train pervit_tiny on real digits, save, reload, plot'),
-    'visualize': ('timm_pervit.visualize', 'plot the learned peripheral position attention of a model'),
-    'benchmark': ('timm_pervit.benchmark', 'speed/memory benchmark against the explicit official formula'),
-    'convert': ('timm_pervit.convert', 'convert an official PerViT checkpoint to a hub-ready folder (and publish)'),
-    'recipe': ('timm_pervit.recipes', "print the path of the paper's train.py recipe for a variant"),
+    'demo': ('timm_pervit.tools.demo', 'offline end-to-end demo: train pervit_tiny on real digits, save, reload, plot'),
+    'visualize': ('timm_pervit.tools.visualize', 'plot the learned peripheral position attention of a model'),
+    'benchmark': ('timm_pervit.tools.benchmark', 'speed/memory benchmark against the explicit official formula'),
+    'convert': (
+        'timm_pervit.tools.convert', 'convert an official PerViT checkpoint to a hub-ready folder (and publish)'),
+    'recipe': ('timm_pervit.tools.recipes', "print the path of the paper's train.py recipe for a variant"),
 }
 
 

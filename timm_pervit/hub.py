@@ -127,7 +127,7 @@ def _how_to_convert(variant: str) -> str:
     tag = f'{variant}.in1k'
     return (
         f'To use the official PerViT release instead: download the {variant} checkpoint from {OFFICIAL_URL}, '
-        f'convert it with `python -m timm_pervit.convert <checkpoint.pth> --variant {variant} --output {tag} --verify` '
+        f'convert it with `python -m timm_pervit convert <checkpoint.pth> --variant {variant} --output {tag} --verify` '
         f"and load the folder with timm.create_model('{variant}', pretrained=True, "
         f"pretrained_cfg_overlay=dict(file='{tag}/model.safetensors'))"
         + (f" or timm.create_model('local-dir:{tag}', pretrained=True)" if HAS_LOCAL_DIR else '')
@@ -247,7 +247,7 @@ def _diagnose_file(variant: str, path: str) -> Optional[PretrainedWeightsError]:
     unreadable = (
         f'The pretrained {variant} weights file {path} is corrupted or truncated, or not a PyTorch or safetensors '
         f'checkpoint at all, and cannot be read. Re-create it: download it again or re-run the converter '
-        f'(python -m timm_pervit.convert). {_how_to_convert(variant)}')
+        f'(python -m timm_pervit convert). {_how_to_convert(variant)}')
     if p.suffix == '.safetensors':
         from safetensors import safe_open
         try:
@@ -340,7 +340,7 @@ def explain_pretrained_error(
         return PretrainedWeightsError(
             f'No pretrained {variant} weights found: the {kind} {where} does not exist{status}. The converted '
             f'PerViT weights are only available once a maintainer has published them there with '
-            f'`python -m timm_pervit.convert ... --push-to-hub {src.repo_id or src.location}`. {fix}',
+            f'`python -m timm_pervit convert ... --push-to-hub {src.repo_id or src.location}`. {fix}',
             reason='not_published', source=src.location)
     if _is_corrupted_file_error(error):
         removed = (_drop_corrupted_cache(src.repo_id, src.revision, src.filename or _DEFAULT_HUB_FILENAME, cache_dir)

@@ -783,7 +783,7 @@ def _in1k_cfg(variant: str) -> Dict[str, Any]:
         description=(
             f'{variant} trained on ImageNet-1k at 224 px by the PerViT authors; paper: top-1 {top1}%, '
             f'{params}M params, {gflops} GFLOPs.'),
-        notes=(f'top1={top1}', 'Weights converted from the official release with timm_pervit.convert.'),
+        notes=(f'top1={top1}', 'Weights converted from the official release with timm_pervit.tools.convert.'),
     )
 
 

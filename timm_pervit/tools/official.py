@@ -33,8 +33,8 @@ from typing import Dict, Iterator, Optional, Union
 import torch
 import torch.nn as nn
 
+from ..pervit import PerViT, official_to_timm, timm_to_official
 from .convert import infer_variant
-from .pervit import PerViT, official_to_timm, timm_to_official
 
 __all__ = [
     'OfficialCode', 'OFFICIAL_DEPTHS', 'cuda_redirect', 'load_official_code', 'build_official_model',

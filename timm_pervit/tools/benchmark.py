@@ -1,10 +1,9 @@
 """ Speed and memory benchmark of PerViT against the explicit official formulation
 
-``python -m timm_pervit.benchmark`` (also ``pervit-benchmark`` and ``python -m timm_pervit benchmark``) times the
-model as shipped -- and optionally with ``torch.compile``, bfloat16 autocast and channels-last input -- side by side
-with ``reference``: the same weights run through the official computation (explicit attention formula, unfolded
-position encoder rebuilt every training step and computed once at inference, as the official code does; see
-``timm_pervit.reference``).
+``python -m timm_pervit benchmark`` (also ``pervit-benchmark``) times the model as shipped -- and optionally with
+``torch.compile``, bfloat16 autocast and channels-last input -- side by side with ``reference``: the same weights run
+through the official computation (explicit attention formula, unfolded position encoder rebuilt every training step
+and computed once at inference, as the official code does; see ``timm_pervit.tools.reference``).
 
 How it measures:
 
@@ -23,19 +22,19 @@ How it measures:
 Two more kinds of rows can join the same rounds:
 
 * ``--official-repo PATH``: ``official``, the authors' own code imported from a checkout of
-  https://github.com/juhongm999/pervit (see ``timm_pervit.official``) with the same weights, in float32 eager, prepared
-  as its scripts do (``init_rpe()`` at inference, position attention rebuilt every training step). It is gated like
-  any candidate, and in addition its float64 run must reproduce the float64 truth (the explicit formula) to float64
-  rounding; ``--baseline official`` makes it the row the ratios are taken against. It only accepts 224 x 224 input
-  (its distance table is built for 14 x 14 tokens); at other sizes it is left out with a warning.
+  https://github.com/juhongm999/pervit (see ``timm_pervit.tools.official``) with the same weights, in float32 eager,
+  prepared as its scripts do (``init_rpe()`` at inference, position attention rebuilt every training step). It is
+  gated like any candidate, and in addition its float64 run must reproduce the float64 truth (the explicit formula) to
+  float64 rounding; ``--baseline official`` makes it the row the ratios are taken against. It only accepts 224 x 224
+  input (its distance table is built for 14 x 14 tokens); at other sizes it is left out with a warning.
 * ``--peers NAME[,NAME...]``: other timm models (e.g. ``deit_tiny_patch16_224``), eager, same batch, input size and
   mode, so PerViT's efficiency (img/s, GMACs, % of the GEMM roofline) can be set against timm's own models. Peers
   compute other functions: they are not correctness-gated (``peer`` in the error column).
 
 Example::
 
-    python -m timm_pervit.benchmark --model pervit_tiny --batch-size 32 --threads 2 --mode both --amp --compile
-    python -m timm_pervit.benchmark --model pervit_tiny --batch-size 32 --threads 2 --mode both \
+    python -m timm_pervit benchmark --model pervit_tiny --batch-size 32 --threads 2 --mode both --amp --compile
+    python -m timm_pervit benchmark --model pervit_tiny --batch-size 32 --threads 2 --mode both \
         --official-repo ../pervit --peers deit_tiny_patch16_224,convit_tiny
 """
 import argparse
@@ -59,12 +58,12 @@ import torch.nn.functional as F
 
 import timm
 
-from ._progress import Progress, add_progress_arguments
-from .checkpoint_io import load_checkpoint
+from ..checkpoint_io import load_checkpoint
+from ..pervit import PerViT, checkpoint_filter_fn
 from .flops import flop_counter_mode
 from .official import (
     OfficialCode, build_official_model, load_official_code, official_grads_to_timm, official_token_grid)
-from .pervit import PerViT, checkpoint_filter_fn
+from .progress import Progress, add_progress_arguments
 from .reference import OfficialFormula
 
 __all__ = [
@@ -219,7 +218,7 @@ def gemm_roofline(device: torch.device, dtype: torch.dtype, size: int = 2048, re
 def count_macs(fn: Callable[[], Any]) -> int:
     """Multiply-accumulates of one call of ``fn`` counted with ``torch.utils.flop_counter`` (FLOPs / 2).
 
-    Uses ``timm_pervit.flops.flop_counter_mode``, which also counts the CPU flash-attention kernel.
+    Uses ``timm_pervit.tools.flops.flop_counter_mode``, which also counts the CPU flash-attention kernel.
     """
     with flop_counter_mode() as counter:
         fn()
@@ -463,7 +462,7 @@ class CorrectnessGate:
             raise CorrectnessError(
                 f'the official code ({ref.mode}, {dtype}) disagrees with the explicit formula ({dtype}): relative '
                 f'error of the {what} is {errs[what]:.3g}, tolerance {out_tol if what == "output" else grad_tol:.3g}. '
-                f'The explicit formula or the weight conversion (timm_pervit.convert.to_official) is wrong, or the '
+                f'The explicit formula or the weight conversion (timm_pervit.timm_to_official) is wrong, or the '
                 f'official code at {runner.official_code.path} is not the released one.')
         return max(errs.values())
 
@@ -543,7 +542,7 @@ def run_benchmark(
     ``gate_float64=False`` checks the candidates against the reference's own float32 run instead of a float64 one
     (see ``CorrectnessGate``). ``official_code`` is needed by an ``official`` candidate, which is left out (with a
     warning) at input sizes the official code does not accept. Ratios are taken against the ``baseline`` candidate
-    (the reference when that one is not in the run). ``progress`` (``timm_pervit._progress.resolve_mode``): a bar
+    (the reference when that one is not in the run). ``progress`` (``timm_pervit.tools.progress.resolve_mode``): a bar
     on stderr when it is a terminal, otherwise a line through this module's logger at every tenth of the timed steps
     (True / 'auto'), or 'bar', 'log', False / 'off'.
 

@@ -6,11 +6,11 @@
    optimizer, scheduler, loss and augmentation factories, with a progress bar on a terminal (plain progress lines
    in a log file);
 3. saves it as a hub-ready folder (model.safetensors + a config.json describing the digits weights, written by
-   ``timm_pervit.model_card.save_for_hf``), reloads it through timm's pretrained path
+   ``timm_pervit.tools.model_card.save_for_hf``), reloads it through timm's pretrained path
    (``timm.create_model('local-dir:<folder>', pretrained=True)``) and, when the repository's ``hubconf.py`` is
    present, through ``torch.hub.load(<repo>, ..., source='local')``, and checks the predictions are identical;
 4. writes a PNG grid of held-out predictions (image, true label, top-3);
-5. writes the learned position-attention figures (``timm_pervit.visualize``), compared with the initialization;
+5. writes the learned position-attention figures (``timm_pervit.tools.visualize``), compared with the initialization;
 6. prints where every output file is (also listed in ``summary.json``).
 
 Needs the ``demo`` extra: ``pip install "timm-pervit[demo]"`` (matplotlib, scikit-learn, tqdm; without tqdm the
@@ -31,8 +31,8 @@ from typing import Any, Callable, Dict, List, NamedTuple, Optional, Tuple, Union
 import torch
 import torch.nn.functional as F
 
-from ._compat import create_model_from_folder
-from ._progress import Progress, add_progress_arguments
+from .._compat import create_model_from_folder
+from .progress import Progress, add_progress_arguments
 
 __all__ = ['load_digits_split', 'family_table', 'choose_threads', 'train', 'evaluate', 'run_demo', 'main']
 
@@ -105,11 +105,11 @@ def _img_per_s(model: torch.nn.Module, img_size: int, batch_size: int, min_time:
 
 
 def family_table(img_size: int = 224, batch_size: int = 4, min_time: float = 1.0) -> List[Dict[str, Any]]:
-    """Params, GMACs (``timm_pervit.flops.count_gmacs``: eval, attention included) and inference img/s per variant."""
+    """Params, GMACs (``timm_pervit.count_gmacs``: eval, attention included) and inference img/s per variant."""
     import timm
+    from ..paper import PAPER_RESULTS
+    from ..pervit import PERVIT_VARIANTS
     from .flops import count_gmacs
-    from .paper import PAPER_RESULTS
-    from .pervit import PERVIT_VARIANTS
 
     rows = []
     for name in PERVIT_VARIANTS:
@@ -440,13 +440,13 @@ def _check_output_dir(path: Path) -> Path:
 
 
 def _repo_root() -> Optional[Path]:
-    root = Path(__file__).resolve().parents[1]
+    root = Path(__file__).resolve().parents[2]  # timm_pervit/tools/demo.py -> the repository
     return root if (root / 'hubconf.py').is_file() else None
 
 
 def _check_request(model_name: str, checkpoint: Optional[str]) -> None:
     """Fail early, naming the fix: a missing extra, an unknown variant, a checkpoint folder that is not there."""
-    from .pervit import PERVIT_VARIANTS
+    from ..pervit import PERVIT_VARIANTS
     from .visualize import _require_matplotlib
 
     _require('sklearn', 'scikit-learn')
@@ -600,7 +600,7 @@ def _write_plots(
         nl_init: Optional[torch.Tensor],
         title: str,
 ) -> Tuple[Dict[str, str], torch.Tensor]:
-    """The prediction grid and the position-attention figures (``timm_pervit.visualize``).
+    """The prediction grid and the position-attention figures (``timm_pervit.tools.visualize``).
 
     Returns:
         (the PNG paths by summary key, the non-locality of every block and head).

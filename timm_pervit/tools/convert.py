@@ -1,8 +1,8 @@
 """ Convert the official PerViT release to hub-ready timm weights, verify and publish them
 
 ```bash
-python -m timm_pervit.convert pervit_tiny.pth --verify                     # -> ./pervit_tiny.in1k/
-python -m timm_pervit.convert pervit_tiny.pth --verify --push-to-hub timm-pervit/pervit_tiny.in1k
+python -m timm_pervit convert pervit_tiny.pth --verify              # -> ./pervit_tiny.in1k/ (also: pervit-convert)
+python -m timm_pervit convert pervit_tiny.pth --verify --push-to-hub timm-pervit/pervit_tiny.in1k
 ```
 
 The input is an official PerViT checkpoint as released (``{'model': state_dict, 'optimizer': ..., 'epoch': ...,
@@ -34,16 +34,15 @@ import torch
 
 import timm
 
-from ._progress import add_progress_arguments, resolve_mode
-from .checkpoint_io import load_checkpoint, state_dict_of
+from ..checkpoint_io import load_checkpoint, state_dict_of
+from ..pervit import HF_HUB_NAMESPACE, PERVIT_VARIANTS, checkpoint_filter_fn, is_official_layout, official_to_timm
 from .flops import count_gmacs
 from .model_card import model_card, save_for_hf
-from .pervit import (
-    HF_HUB_NAMESPACE, PERVIT_VARIANTS, checkpoint_filter_fn, is_official_layout, official_to_timm, timm_to_official)
+from .progress import add_progress_arguments, resolve_mode
 
 __all__ = [
-    'ConversionResult', 'load_checkpoint', 'infer_variant', 'to_official', 'convert_checkpoint', 'verify_folder',
-    'push_folder', 'main',
+    'ConversionResult', 'load_checkpoint', 'infer_variant', 'convert_checkpoint', 'verify_folder', 'push_folder',
+    'main',
 ]
 
 _logger = logging.getLogger(__name__)
@@ -84,9 +83,6 @@ def infer_variant(state_dict: Dict[str, torch.Tensor]) -> Optional[str]:
             return name
     return None
 
-
-#: Rename timm_pervit keys to the official layout (to run converted weights with the official code).
-to_official = timm_to_official
 
 
 def _save_for_hf(model: torch.nn.Module, folder: Path, variant: str) -> None:

@@ -19,7 +19,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .pervit import PerViT
+from ..pervit import PerViT
 
 __all__ = ['OfficialFormula', 'official_position_attention']
 

@@ -10,7 +10,7 @@ import torch
 import torch.nn as nn
 from torch.utils import flop_counter
 
-from .pervit import PeripheralPosition
+from ..pervit import PeripheralPosition
 
 __all__ = ['flop_counter_mode', 'count_gmacs']
 

@@ -20,8 +20,8 @@ from typing import Any, Dict, Optional, Sequence, Tuple, Union
 import torch.nn as nn
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
-from .paper import CITATION, OFFICIAL_URL, PAPER_NAME, PAPER_RESULTS, PAPER_URL, TIMM_CITATION
-from .pervit import HF_HUB_NAMESPACE, PERVIT_VARIANTS
+from ..paper import CITATION, OFFICIAL_URL, PAPER_NAME, PAPER_RESULTS, PAPER_URL, TIMM_CITATION
+from ..pervit import HF_HUB_NAMESPACE, PERVIT_VARIANTS
 
 __all__ = ['model_card', 'variant_stats', 'save_for_hf', 'IMAGE_URL', 'DATA_CONFIG_KEYS']
 
@@ -41,7 +41,7 @@ def variant_stats(img_size: int = 224) -> Dict[str, Tuple[int, float]]:
     """Params and GMACs per image of every released variant, measured on meta-device models (nothing allocated).
 
     Returns:
-        {variant: (params, GMACs at ``img_size`` px)}; GMACs as ``timm_pervit.flops.count_gmacs`` counts them
+        {variant: (params, GMACs at ``img_size`` px)}; GMACs as ``timm_pervit.count_gmacs`` counts them
         (inference, position attention cached, attention matmuls included).
     """
     import timm
@@ -138,7 +138,7 @@ def _comparison(variant: str, stats: Dict[str, Tuple[int, float]]) -> str:
     return '\n'.join([
         '## Model Comparison',
         'The released PerViT variants at 224 x 224. Params and GMACs are measured on the timm models '
-        '(`timm_pervit.flops.count_gmacs`: inference, position attention cached, attention matmuls included); the '
+        '(`timm_pervit.count_gmacs`: inference, position attention cached, attention matmuls included); the '
         'paper counts GFLOPs without the attention matmuls. Top-1 is the ImageNet-1k validation accuracy reported in '
         'the paper.',
         '',
@@ -202,7 +202,7 @@ def model_card(
 # Model card for {tag}
 
 A PerViT image classification model ({PAPER_NAME}, Min et al., NeurIPS 2022), trained on ImageNet-1k at 224 px by
-the paper's authors and converted from the official release ({OFFICIAL_URL}) to timm with `timm_pervit.convert`.
+the paper's authors and converted from the official release ({OFFICIAL_URL}) to timm with `timm_pervit.tools.convert`.
 In every attention block, PerViT multiplies the content attention of each head with a learned peripheral position
 attention, a function of the distance between query and key, so that heads learn to look at regions from local to
 global, like the fovea and periphery of human vision.

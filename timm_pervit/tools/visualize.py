@@ -119,7 +119,7 @@ def head_order(nl: torch.Tensor) -> torch.Tensor:
 
 def token_grid(model: torch.nn.Module, img_size: Tuple[int, int]) -> Tuple[int, int]:
     """Token grid a PerViT produces for an input of ``img_size`` (H, W) pixels (each stem conv halves, rounding up)."""
-    from .pervit import MIN_INPUT_SIZE
+    from ..pervit import MIN_INPUT_SIZE
     h, w = img_size
     if h < MIN_INPUT_SIZE or w < MIN_INPUT_SIZE:
         raise ValueError(f'PerViT needs images of at least {MIN_INPUT_SIZE}x{MIN_INPUT_SIZE} px, got {h}x{w}')
@@ -311,8 +311,8 @@ def load_model(
         The model, in eval mode. Without checkpoint or hub id: the peripheral initialization.
     """
     import timm
-    from ._compat import create_model_from_folder
-    from .pervit import PERVIT_VARIANTS  # registers the models
+    from .._compat import create_model_from_folder
+    from ..pervit import PERVIT_VARIANTS  # registers the models
 
     if checkpoint is not None and hub_id is not None:
         raise ValueError('give either a checkpoint or a hub id, not both')
