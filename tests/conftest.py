@@ -1,7 +1,18 @@
-"""Shared test helpers. Every test runs on CPU, offline."""
+"""Shared fixtures and helpers of the test suite (one copy each). Every test runs on CPU, offline.
+
+The rooms mirror the package: tests/model (the PerViT model and its timm API), tests/layers (the position engine, the
+attention kernel and the fast-path gates), tests/loading (hub, pretrained weights, checkpoint errors, start-up
+registration, version shims), tests/tools (the command-line tools) and tests/integrations (export, transformers,
+timm's scripts, DDP, downstream libraries, torch.hub). Scripts and servers the tests start by path live in
+tests/helpers, the official-code fixture in tests/fixtures.
+"""
+import copy
+import importlib
+import importlib.util
 import json
 import os
-from typing import Any, Dict
+from pathlib import Path
+from typing import Any, Callable, Dict, List
 
 import pytest
 import torch
@@ -14,7 +25,12 @@ if os.environ.get('PYTEST_XDIST_WORKER'):
     os.environ['OMP_NUM_THREADS'] = '1'
     torch.set_num_threads(1)
 
-FIXTURES = os.path.join(os.path.dirname(__file__), 'fixtures')
+#: The repository root (README.md, docs/, pyproject.toml).
+REPO = Path(__file__).resolve().parents[1]
+#: The official-code fixture of the micro PerViT (tests/fixtures/README.md).
+FIXTURES = REPO / 'tests' / 'fixtures'
+#: Scripts the tests start by path (DDP workers under torchrun) and the loopback hub server.
+HELPERS = REPO / 'tests' / 'helpers'
 
 
 def _load_micro_config() -> Dict[str, Any]:
@@ -27,7 +43,7 @@ MICRO_CONFIG = _load_micro_config()
 #: The micro PerViT's architecture, in timm_pervit's terms, without head arguments: for calls that pass their own
 #: ``num_classes`` (``timm.create_model(name, num_classes=3, **MICRO_ARCH)``, ``torch.hub.load``, the demo's
 #: ``model_kwargs``). The fixture's input channels (``convstem_dims[0]``) are PerViT's default ``in_chans`` (3,
-#: checked in tests/test_parity.py), so they stay out and calls can choose their own.
+#: checked in tests/model/test_parity.py), so they stay out and calls can choose their own.
 MICRO_ARCH = dict(
     embed_dims=tuple(MICRO_CONFIG['emb_dims']),
     stem_dims=tuple(MICRO_CONFIG['convstem_dims'][1:]),
@@ -54,7 +70,91 @@ def make_micro(**kwargs):
     return PerViT(**dict(MICRO_KWARGS, **kwargs))
 
 
-# ---- pretrained weights / loopback hub (tests/test_convert.py, tests/test_hub.py) --------------------------------
+def perturbed_micro(scale: float = 0.1, parts: str = 'pos_attn', **kwargs):
+    """A micro PerViT with its position parameters (``parts='pos_attn'``) or its whole state (``parts='all'``) moved
+    off the initial values by ``scale`` x N(0, 1), so that no value or gradient is special by symmetry."""
+    model = make_micro(**kwargs)
+    tensors = model.pos_attn.parameters() if parts == 'pos_attn' else model.state_dict().values()
+    with torch.no_grad():
+        for t in tensors:
+            if t.is_floating_point():
+                t.add_(torch.randn_like(t) * scale)
+    return model
+
+
+# ---- the position engine through its public API -------------------------------------------------------------------
+def builds(model) -> int:
+    """Blocks whose position attention was computed since creation or the last ``clear_cache()`` (eager calls)."""
+    return model.pos_attn.cache_info()['builds']
+
+
+def fresh_eval(model, x: torch.Tensor) -> torch.Tensor:
+    """The ground truth of an inference: an independent copy in eval mode, its position attention recomputed from
+    the current weights (a copy starts with an empty cache)."""
+    ref = copy.deepcopy(model).eval()
+    ref.pos_attn.clear_cache()
+    with torch.no_grad():
+        return ref(x)
+
+
+def fresh_phi(model, h: int, w: int) -> torch.Tensor:
+    """log(phi_p) of every block recomputed from the current weights (no cache involved), stacked."""
+    with torch.no_grad():
+        return torch.stack(model.pos_attn.compute(h, w))
+
+
+def served_phi(model, h: int, w: int) -> torch.Tensor:
+    """log(phi_p) of every block as the model uses it at inference (through the cache), stacked."""
+    with torch.no_grad():
+        return torch.stack(model.pos_attn(h, w))
+
+
+class GraphRecorder:
+    """A ``torch.compile`` backend that records the FX graphs dynamo hands over and runs them as they are."""
+
+    def __init__(self):
+        self.graphs: List[Any] = []
+
+    def __call__(self, gm, example_inputs) -> Callable:
+        self.graphs.append(gm)
+        return gm
+
+
+# ---- files, optional dependencies, hostile pickles -----------------------------------------------------------------
+def is_png(path) -> bool:
+    """Whether the file starts with the PNG signature."""
+    with open(path, 'rb') as f:
+        return f.read(8) == b'\x89PNG\r\n\x1a\n'
+
+
+def require(module: str, reason: str) -> Any:
+    """Import an optional dependency; skip only when it is not installed (a broken install fails)."""
+    if importlib.util.find_spec(module) is None:
+        pytest.skip(reason)
+    return importlib.import_module(module)
+
+
+def cpu_half_conv() -> bool:
+    """Whether this torch has float16 convolutions on the CPU (torch 2.1 has not)."""
+    try:
+        torch.nn.functional.conv2d(
+            torch.zeros(1, 1, 3, 3, dtype=torch.float16), torch.zeros(1, 1, 1, 1, dtype=torch.float16))
+        return True
+    except RuntimeError:
+        return False
+
+
+class PicklePayload:
+    """An object whose unpickling runs code that writes ``marker``: what a weights-only load must refuse."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return exec, (f'open({str(self.marker)!r}, "w").write("owned")',)
+
+
+# ---- pretrained weights / loopback hub (tests/tools/test_convert.py, tests/loading/test_hub.py) --------------------------------
 class PervitOfficialCheckpoint:
     """A fake official pervit_tiny release: random (perturbed) weights in the official key layout, saved like the
     official training checkpoints ({'model', 'optimizer', 'epoch', 'model_ema', 'args': argparse.Namespace})."""
@@ -105,8 +205,8 @@ def pervit_hub_root(tmp_path_factory, pervit_tiny_official):
 
 @pytest.fixture
 def pervit_loopback_hub(pervit_hub_root):
-    """A running loopback hub (tests/hub_server.py) serving the converted pervit_tiny repo."""
-    from .hub_server import LoopbackHub
+    """A running loopback hub (tests/helpers/hub_server.py) serving the converted pervit_tiny repo."""
+    from tests.helpers.hub_server import LoopbackHub
     with LoopbackHub(pervit_hub_root[0]) as hub:
         yield hub
 

@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 from typing import Dict
 
-REPO = Path(__file__).resolve().parents[1]
+from tests.conftest import REPO
 
 _RUNTIME_CHILD = '''
 import json, sys

@@ -13,9 +13,8 @@ from timm_pervit._compat import create_model_from_folder
 from timm_pervit.tools.demo import (
     NUM_CLASSES, choose_threads, evaluate, family_table, load_digits_split, main, run_demo, train)
 
-from .conftest import MICRO_ARCH, make_micro
+from tests.conftest import MICRO_ARCH, REPO, make_micro
 
-REPO = Path(__file__).resolve().parents[1]
 
 
 def _png(path):

@@ -15,7 +15,7 @@ from timm_pervit.tools.flops import count_gmacs
 from timm_pervit.tools.model_card import model_card, save_for_hf, variant_stats
 from timm_pervit.paper import CITATION, PAPER_RESULTS, TIMM_CITATION
 
-from .conftest import MICRO_KWARGS
+from tests.conftest import MICRO_KWARGS
 
 REPO = 'timm-pervit/pervit_tiny.in1k'
 

@@ -23,7 +23,7 @@ from safetensors.torch import load_file, save_file
 
 import timm_pervit  # noqa: F401  (explicit registration; the autoload hook is tested in a subprocess below)
 
-from .conftest import MICRO_KWARGS
+from tests.conftest import MICRO_KWARGS
 
 # skipped only when not installed: a broken install must fail
 if importlib.util.find_spec('transformers') is None:

@@ -24,7 +24,7 @@ from torch.nn.utils import prune
 import timm_pervit  # noqa: F401
 from timm_pervit.tools.reference import official_position_attention
 
-from .conftest import make_micro
+from tests.conftest import make_micro
 
 
 def _fresh_phi(model, h, w):

@@ -20,8 +20,8 @@ from huggingface_hub import constants as hf_constants
 from timm_pervit.tools.convert import main as convert_main
 from timm_pervit.hub import PretrainedWeightsError, explain_pretrained_error, hub_timeout
 
-from .conftest import MICRO_KWARGS
-from .hub_server import SilentServer
+from tests.conftest import MICRO_KWARGS
+from tests.helpers.hub_server import SilentServer
 
 
 def _load(path, **kwargs):

@@ -14,9 +14,9 @@ import timm
 import torch
 import torch.nn.functional as F
 
-from .conftest import MICRO_ARCH
+from tests.conftest import MICRO_ARCH, REPO
 
-DOC = Path(__file__).resolve().parents[1] / 'docs' / 'deployment.md'
+DOC = REPO / 'docs' / 'deployment.md'
 _EXTRA = {'segmentation_models_pytorch': 'seg', 'open_clip': 'clip', 'openvino': 'openvino'}
 
 

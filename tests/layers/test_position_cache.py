@@ -4,7 +4,7 @@ import copy
 import pytest
 import torch
 
-from .conftest import make_micro
+from tests.conftest import make_micro
 
 
 def _fresh(model, x):

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from timm_pervit import _compat
 from timm_pervit.layers import attention as _attention
 
-from .conftest import MICRO_KWARGS, make_micro
+from tests.conftest import MICRO_KWARGS, make_micro
 
 
 def _version(v: str):

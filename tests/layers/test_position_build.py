@@ -4,7 +4,7 @@ import torch
 
 from timm_pervit.layers import gates
 
-from .conftest import make_micro
+from tests.conftest import make_micro
 
 
 def _count_builds(model):

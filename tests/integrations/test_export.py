@@ -16,7 +16,7 @@ import torch
 
 from timm_pervit._compat import _release
 
-from .conftest import MICRO_KWARGS, make_micro
+from tests.conftest import MICRO_KWARGS, make_micro
 
 #: Input sizes (h, w) the exported graphs must serve besides the traced 224 x 224.
 SIZES: List[Tuple[int, int]] = [(224, 224), (160, 256), (96, 96), (448, 448)]

@@ -1,7 +1,7 @@
 """Pretrained weights through timm's real loading path: configs, download from a loopback hub, cache, offline,
 hub-id / local-dir / file sources, adaptation (num_classes, in_chans, features_only) and clear failures.
 
-The hub is tests/hub_server.py (a real HTTP server on 127.0.0.1) serving a folder written by the converter from a
+The hub is tests/helpers/hub_server.py (a real HTTP server on 127.0.0.1) serving a folder written by the converter from a
 fake official pervit_tiny checkpoint (conftest.py: pervit_tiny_official, pervit_hub_root).
 """
 import json
@@ -20,7 +20,7 @@ from timm_pervit import HF_HUB_NAMESPACE
 from timm_pervit._compat import HAS_LOCAL_DIR
 from timm_pervit.hub import PretrainedWeightsError
 
-from .hub_server import LoopbackHub
+from tests.helpers.hub_server import LoopbackHub
 
 REPO = f'{HF_HUB_NAMESPACE}/pervit_tiny.in1k'
 PAPER_TOP1 = {'pervit_tiny': 78.8, 'pervit_small': 82.1, 'pervit_medium': 82.9}

@@ -14,9 +14,10 @@ from safetensors.torch import save_file
 
 from timm_pervit import PERVIT_VARIANTS, PerViT
 
-from .conftest import MICRO_ARCH
+from tests.conftest import MICRO_ARCH
+from tests.conftest import REPO as REPO_ROOT
 
-REPO = str(Path(__file__).resolve().parents[1])
+REPO = str(REPO_ROOT)
 
 
 def _github_cache(hub_dir: Path, ref: str = 'main') -> str:

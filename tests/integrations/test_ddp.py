@@ -21,11 +21,11 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
-from .conftest import MICRO_ARCH, MICRO_KWARGS, make_micro
+from tests.conftest import HELPERS, MICRO_ARCH, MICRO_KWARGS, REPO, make_micro
 
-WORKER = Path(__file__).with_name('ddp_worker.py')
-LAYOUT_WORKER = Path(__file__).with_name('ddp_layout_worker.py')
-ROOT = Path(__file__).resolve().parents[1]
+WORKER = HELPERS / "ddp_worker.py"
+LAYOUT_WORKER = HELPERS / "ddp_layout_worker.py"
+ROOT = REPO
 
 
 def _free_port() -> int:

@@ -12,7 +12,8 @@ import timm
 from timm_pervit.tools.recipes import RECIPE_VARIANTS, load_recipe, recipe_path, train_command
 from timm_pervit.tools.recipes import main as recipe_main
 
-REPO = Path(__file__).resolve().parents[1]
+from tests.conftest import REPO
+
 
 #: The train.py options the recipes use: argparse ``dest`` -> the ``type`` train.py parses it with (``bool``: a
 #: ``store_true`` flag). train.py applies a config file with ``parser.set_defaults(**yaml.safe_load(f))``, so a key

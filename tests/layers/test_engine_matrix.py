@@ -22,7 +22,7 @@ from torch.nn.utils import prune
 
 from timm_pervit.layers import gates
 
-from .conftest import make_micro
+from tests.conftest import REPO, make_micro
 
 X_SHAPE = (2, 3, 48, 64)  # a 3 x 4 token grid: non-square, so rows and columns cannot be swapped unnoticed
 
@@ -584,7 +584,7 @@ def test_readme_example_runs():
     import pathlib
     import re
     import timm
-    readme = (pathlib.Path(__file__).parent.parent / 'README.md').read_text(encoding='utf-8')
+    readme = (REPO / 'README.md').read_text(encoding='utf-8')
     section = readme.split('## What you can do to the model', 1)[1]
     code = re.search(r'```python\n(.*?)```', section, re.S).group(1)
     scope = {'timm': timm, 'torch': torch}

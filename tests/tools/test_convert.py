@@ -18,7 +18,7 @@ from timm_pervit import timm_to_official
 from timm_pervit.paper import PAPER_RESULTS
 from timm_pervit.pervit import official_to_timm
 
-from .conftest import FIXTURES
+from tests.conftest import FIXTURES
 
 
 def test_to_official_inverts_convert_official():

@@ -19,7 +19,7 @@ import pytest
 
 from timm_pervit import _autoload
 
-REPO = Path(__file__).resolve().parents[1]
+from tests.conftest import REPO
 
 
 def run_python(

@@ -29,7 +29,7 @@ from timm.utils import CheckpointSaver, ModelEmaV3, ParseKwargs, accuracy
 from timm_pervit import PerViT
 from timm_pervit.tools.recipes import SAFE_AUGMENTATION, augmentation_problem
 
-from .conftest import MICRO_ARCH
+from tests.conftest import MICRO_ARCH
 
 
 def train_py_create_model(name: str, **overrides) -> torch.nn.Module:

@@ -18,7 +18,7 @@ from timm_pervit.tools import benchmark
 from timm_pervit.pervit import PeripheralAttention, PerViT, checkpoint_filter_fn
 from timm_pervit.tools.reference import OfficialFormula, official_position_attention
 
-from .conftest import MICRO_KWARGS as MICRO
+from tests.conftest import MICRO_KWARGS as MICRO
 
 FIXTURES = Path(__file__).parent / 'fixtures'
 MICRO_JSON = json.dumps(MICRO)

@@ -12,7 +12,7 @@ from timm_pervit.tools.visualize import (
     token_grid, visualize_model,
 )
 
-from .conftest import make_micro
+from tests.conftest import make_micro
 
 
 def _png(path):
