@@ -134,11 +134,10 @@ def require(module: str, reason: str) -> Any:
     return importlib.import_module(module)
 
 
-def cpu_half_conv() -> bool:
-    """Whether this torch has float16 convolutions on the CPU (torch 2.1 has not)."""
+def cpu_half_conv(dtype: torch.dtype = torch.float16) -> bool:
+    """Whether this torch has convolutions in ``dtype`` on the CPU (torch 2.1 has no float16 ones)."""
     try:
-        torch.nn.functional.conv2d(
-            torch.zeros(1, 1, 3, 3, dtype=torch.float16), torch.zeros(1, 1, 1, 1, dtype=torch.float16))
+        torch.nn.functional.conv2d(torch.zeros(1, 1, 3, 3, dtype=dtype), torch.zeros(1, 1, 1, 1, dtype=dtype))
         return True
     except RuntimeError:
         return False

@@ -7,22 +7,22 @@ A test skips, naming the extra, only when its library is not installed; .ci/test
 import contextlib
 import io
 import re
-from pathlib import Path
 
 import pytest
 import timm
 import torch
 import torch.nn.functional as F
 
-from tests.conftest import MICRO_ARCH, REPO
+from tests.conftest import MICRO_ARCH
+from tests.conftest import REPO
+from tests.conftest import require
 
 DOC = REPO / 'docs' / 'deployment.md'
 _EXTRA = {'segmentation_models_pytorch': 'seg', 'open_clip': 'clip', 'openvino': 'openvino'}
 
 
 def _require(module: str):
-    return pytest.importorskip(
-        module, reason=f'{module} is not installed: pip install "timm-pervit[{_EXTRA[module]}]"')
+    return require(module, reason=f'{module} is not installed: pip install "timm-pervit[{_EXTRA[module]}]"')
 
 
 def doc_example(name: str):

@@ -4,8 +4,6 @@ One exported file / program per exporter must serve every input size (batch, hei
 exports once at 224 px and compares with eager PyTorch at other sizes. The models are exported in eval mode without
 ``torch.no_grad()`` around the export, the way a new user calls it.
 """
-import importlib
-import importlib.util
 import inspect
 from typing import Any, Dict, List, Tuple
 
@@ -16,7 +14,9 @@ import torch
 
 from timm_pervit._compat import _release
 
-from tests.conftest import MICRO_KWARGS, make_micro
+from tests.conftest import MICRO_KWARGS
+from tests.conftest import make_micro
+from tests.conftest import require
 
 #: Input sizes (h, w) the exported graphs must serve besides the traced 224 x 224.
 SIZES: List[Tuple[int, int]] = [(224, 224), (160, 256), (96, 96), (448, 448)]
@@ -38,9 +38,7 @@ _HAS_DYNAMO_ONNX = 'dynamo' in inspect.signature(torch.onnx.export).parameters
 
 def _require(module: str, reason: str = EXPORT_EXTRA) -> Any:
     """Import an optional export dependency; skip only when it is not installed (a broken install fails)."""
-    if importlib.util.find_spec(module) is None:
-        pytest.skip(reason)
-    return importlib.import_module(module)
+    return require(module, reason)
 
 
 def _dynamic_shapes() -> Dict[str, Dict[int, Any]]:
@@ -140,7 +138,12 @@ def test_onnx_through_timm_export_helper(tmp_path):
     EXPORT_SPECIALIZES_TOKEN_GRID, strict=True, raises=torch._dynamo.exc.UserError,
     reason=f'torch {torch.__version__}: torch.export specializes the size of a floor-divided token grid (< 2.5)')
 def test_torch_export_dynamic_height_width_and_batch():
+    """torch.export at the traced size (every torch), then with a dynamic batch, height and width: one program for
+    every size, the model's input check kept as a range constraint."""
     model = make_micro().eval()
+    x = torch.randn(2, 3, 64, 96)
+    with torch.no_grad():
+        torch.testing.assert_close(torch.export.export(model, (x,)).module()(x), model(x))
     exported = torch.export.export(model, (torch.randn(2, 3, 224, 224),), dynamic_shapes=_dynamic_shapes())
     module = exported.module()
     for batch, h, w in [(1, 160, 256), (3, 96, 96), (2, 33, 47), (1, 448, 448)]:

@@ -30,6 +30,7 @@ from timm_pervit import PerViT
 from timm_pervit.tools.recipes import SAFE_AUGMENTATION, augmentation_problem
 
 from tests.conftest import MICRO_ARCH
+from tests.conftest import fresh_eval
 
 
 def train_py_create_model(name: str, **overrides) -> torch.nn.Module:
@@ -40,14 +41,6 @@ def train_py_create_model(name: str, **overrides) -> torch.nn.Module:
     model_kwargs = overrides.pop('model_kwargs', {})
     args.update(overrides)
     return timm.create_model(name, **args, **model_kwargs)
-
-
-def fresh_eval(model: PerViT, x: torch.Tensor) -> torch.Tensor:
-    """Eval output of an independent copy with its position-attention cache emptied (the ground truth)."""
-    ref = copy.deepcopy(model).eval()
-    ref.pos_attn.clear_cache()
-    with torch.no_grad():
-        return ref(x)
 
 
 def test_create_model_with_train_py_arguments():
@@ -111,22 +104,6 @@ def test_data_config_and_eval_transform(name):
     assert model.eval()(tf(image).unsqueeze(0)).shape == (1, 40)
 
 
-def test_grad_checkpointing_same_loss_and_grads():
-    """train.py --grad-checkpointing: set_grad_checkpointing() changes memory, not results."""
-    model = timm.create_model('pervit_tiny', num_classes=5, **MICRO_ARCH).train()
-    ckpt = copy.deepcopy(model)
-    ckpt.set_grad_checkpointing(True)
-    x, y = torch.randn(4, 3, 64, 64), torch.randint(0, 5, (4,))
-    losses = []
-    for m in (model, ckpt):
-        loss = F.cross_entropy(m(x), y)
-        loss.backward()
-        losses.append(loss)
-    torch.testing.assert_close(losses[0], losses[1])
-    for (n, p), q in zip(model.named_parameters(), ckpt.parameters()):
-        torch.testing.assert_close(p.grad, q.grad, msg=n)
-
-
 def _scale_of(optimizer: torch.optim.Optimizer, model: torch.nn.Module) -> dict:
     by_id = {id(p): n for n, p in model.named_parameters()}
     out = {}
@@ -137,8 +114,19 @@ def _scale_of(optimizer: torch.optim.Optimizer, model: torch.nn.Module) -> dict:
 
 
 def test_layer_decay_and_weight_decay_groups():
-    """train.py --layer-decay 0.65 --weight-decay 0.05: create_optimizer_v2 uses group_matcher/no_weight_decay."""
+    """train.py --layer-decay 0.65 --weight-decay 0.05: create_optimizer_v2 uses group_matcher/no_weight_decay.
+
+    A block and its position encoder share one layer-decay group (one lr scale), one step per block; the stem and the
+    shared distance projection form the first group, the final norm and the head the last."""
+    from timm.models import group_parameters
     model = timm.create_model('pervit_tiny', num_classes=5, **MICRO_ARCH)
+    names = [n for n, _ in model.named_parameters()]
+    groups = group_parameters(model, model.group_matcher())
+    assert sorted(sum(groups.values(), [])) == sorted(names)  # every parameter in a group
+    group_of = {n: g for g, ns in groups.items() for n in ns}
+    assert group_of['stem.0.conv.weight'] == group_of['pos_attn.dist_proj.weight'] == 0
+    nwd = model.no_weight_decay()
+    assert nwd and nwd <= set(names)
     opt = create_optimizer_v2(model, opt='adamw', lr=1e-3, weight_decay=0.05, layer_decay=0.65)
     groups = _scale_of(opt, model)
     assert set(groups) == {n for n, _ in model.named_parameters()}  # every parameter exactly once

@@ -22,7 +22,9 @@ from torch.nn.utils import prune
 
 from timm_pervit.layers import gates
 
-from tests.conftest import REPO, make_micro
+from tests.conftest import REPO
+from tests.conftest import cpu_half_conv
+from tests.conftest import make_micro
 
 X_SHAPE = (2, 3, 48, 64)  # a 3 x 4 token grid: non-square, so rows and columns cannot be swapped unnoticed
 
@@ -402,9 +404,7 @@ def test_dynamic_int8_quantization():
 
 @pytest.mark.parametrize('dtype', [torch.bfloat16, torch.float16], ids=['bfloat16', 'float16'])
 def test_half_precision_models(dtype):
-    try:
-        F.conv2d(torch.zeros(1, 1, 3, 3, dtype=dtype), torch.zeros(1, 1, 1, 1, dtype=dtype))
-    except RuntimeError:
+    if not cpu_half_conv(dtype):
         pytest.skip(f'this torch has no {dtype} convolution on the CPU (torch 2.1)')
     fast, plain = _pair()
     x = _input()
@@ -440,8 +440,10 @@ def test_channels_last_inputs(mode):
     _assert_same_grads(fast, plain)
 
 
-@pytest.mark.parametrize('how', ['deepcopy', 'pickle'])
+@pytest.mark.parametrize('how', ['deepcopy', 'pickle', 'torch_save'])
 def test_copies_with_a_populated_cache(how):
+    """A deep copy, a pickle and a whole-module torch.save / torch.load of a model with a populated cache: the copy
+    starts with an empty cache and a cache lock of its own, and follows its own weights."""
     fast, plain = _pair()
     x = _input()
     fast.eval(), plain.eval()
@@ -449,11 +451,18 @@ def test_copies_with_a_populated_cache(how):
         fast(x)
         if how == 'deepcopy':
             clone = copy.deepcopy(fast)
-        else:
+        elif how == 'pickle':
             buf = io.BytesIO()
             pickle.dump(fast, buf)
             clone = pickle.loads(buf.getvalue())
+        else:
+            buf = io.BytesIO()
+            torch.save(fast, buf)
+            buf.seek(0)
+            clone = torch.load(buf, weights_only=False)  # the test's own freshly saved module
         assert clone.pos_attn.cache_info()['entries'] == 0
+        assert clone.pos_attn.cache_lock is not fast.pos_attn.cache_lock
+        _assert_rel(clone(x), fast(x), 0.)  # the same weights: the same outputs
         for m in (clone, plain):
             for p in m.pos_attn.parameters():
                 p.mul_(0.9)

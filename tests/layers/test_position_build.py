@@ -1,88 +1,39 @@
-"""Speed of the position encoder (issue 13): compiled models keep the cache, the training build is exact."""
+"""The build of the position attention phi_p (PeripheralPosition.compute): the distances of the normalized grid, the
+key-query offset-grid build against the official unfolded formulation (values and gradients, every chunking), its
+gradcheck, and what phi_p is: a peripheral weighting that, combined with the content attention, gives each query a
+distribution over the keys of the grid."""
+import copy
+
 import pytest
 import torch
+from torch.func import functional_call
 
 from timm_pervit.layers import gates
+from timm_pervit.tools.reference import official_position_attention
 
 from tests.conftest import make_micro
+from tests.conftest import perturbed_micro
 
 
-def _count_builds(model):
-    calls = []
-    compute = model.pos_attn.compute
-    model.pos_attn.compute = lambda h, w, *a, **k: calls.append((h, w)) or compute(h, w, *a, **k)
-    return calls
-
-
-@pytest.mark.slow
-def test_compiled_model_reuses_the_position_cache():
-    """The lookup runs outside the graph: one build for three calls, no recompilation for a cache hit."""
-    model = make_micro().eval()
-    calls = _count_builds(model)
-    graphs = []
-
-    def backend(gm, example_inputs):
-        graphs.append(gm)
-        return gm
-
-    torch._dynamo.reset()
-    compiled = torch.compile(model, backend=backend)
-    x = torch.randn(2, 3, 64, 96)
-    with torch.no_grad():
-        outs = [compiled(x) for _ in range(3)]
-        n_graphs = len(graphs)
-        ref = model(x)
-    from torch._dynamo.symbolic_convert import InstructionTranslator
-    if not hasattr(InstructionTranslator, 'current_tx'):
-        # torch 2.1 does not tell whether a graph break is allowed (fullgraph=True): the graph rebuilds the
-        # position attention in every call (README, Compatibility), with the same result
-        assert calls == [(4, 6)] * 2  # traced into the graph once (it runs in every call), then the eager build
-        for out in outs:
-            torch.testing.assert_close(out, ref, rtol=1e-6, atol=1e-6)
-        return
-    assert calls == [(4, 6)]
-    with torch.no_grad():
-        compiled(x)
-    assert len(graphs) == n_graphs  # no recompilation
-    for out in outs:
-        torch.testing.assert_close(out, ref, rtol=0, atol=0)
-    with torch.no_grad():  # a value change through .data is still seen by the compiled model
-        model.pos_attn.blocks[7].norm2.bias.data.add_(1.0)
-        out = compiled(x)
-    assert calls == [(4, 6), (4, 6)]
-    model.pos_attn.clear_cache()
-    with torch.no_grad():
-        torch.testing.assert_close(out, model(x), rtol=0, atol=0)
-
-
-@pytest.mark.slow
-def test_compiled_fullgraph_still_works():
-    """No graph break is possible under fullgraph=True: the graph recomputes the position attention."""
-    model = make_micro().eval()
-    graphs = []
-
-    def backend(gm, example_inputs):
-        graphs.append(gm)
-        return gm
-
-    torch._dynamo.reset()
-    compiled = torch.compile(model, backend=backend, fullgraph=True)
-    x = torch.randn(2, 3, 64, 96)
-    with torch.no_grad():
-        outs = [compiled(x) for _ in range(3)]
-        ref = model(x)
-    assert len(graphs) == 1
-    for out in outs:
-        torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-6)
-
-
-def _perturbed_micro(**kwargs):
-    model = make_micro(dtype=torch.float64, **kwargs).train()
-    with torch.no_grad():
-        for p in model.pos_attn.parameters():
-            p.add_(torch.randn_like(p) * 0.1)
-    return model
-
+def test_distances_equal_linspace_coordinates():
+    """The shape-generic distances are the distances between ``linspace(-1, 1, n)`` coordinates (extended by two
+    steps on each side for the keys), up to float rounding, and exactly zero at the query's own position."""
+    pos = make_micro(dtype=torch.float64).pos_attn
+    for h, w in [(2, 2), (14, 14), (10, 16), (5, 31)]:
+        axes_q, axes_k = [], []
+        for n in (h, w):
+            step = 2. / (n - 1)
+            axes_q.append(torch.linspace(-1., 1., n, dtype=torch.float64))
+            axes_k.append(torch.linspace(-1. - 2 * step, 1. + 2 * step, n + 4, dtype=torch.float64))
+        qy, qx = torch.meshgrid(*axes_q, indexing='ij')
+        ky, kx = torch.meshgrid(*axes_k, indexing='ij')
+        dy = qy.reshape(-1, 1, 1) - ky
+        dx = qx.reshape(-1, 1, 1) - kx
+        expected = torch.sqrt(dy * dy + dx * dx).unsqueeze(1)
+        dist = pos.distances(h, w)
+        torch.testing.assert_close(dist, expected, rtol=0, atol=1e-12)
+        inner = dist[:, 0, 2:-2, 2:-2].reshape(h * w, h * w)
+        assert torch.all(inner.diagonal() == 0)
 
 @pytest.mark.parametrize('chunk_bytes', [1, 30000, None], ids=['row', 'rows', 'default'])
 @pytest.mark.parametrize('grid', [(3, 5), (6, 4), (2, 2)])
@@ -93,7 +44,7 @@ def test_offset_grid_build_matches_the_reference_with_gradients(grid, chunk_byte
     """
     from timm_pervit.tools.reference import official_position_attention
     h, w = grid
-    model = _perturbed_micro()
+    model = perturbed_micro(dtype=torch.float64).train()
     pos = model.pos_attn
     if chunk_bytes is not None:
         pos.chunk_bytes = chunk_bytes
@@ -109,10 +60,25 @@ def test_offset_grid_build_matches_the_reference_with_gradients(grid, chunk_byte
     for name, p in pos.named_parameters():
         torch.testing.assert_close(grads[name], p.grad, rtol=1e-7, atol=1e-10, msg=lambda m: f'{name}: {m}')
 
+def test_offset_grid_build_passes_gradcheck():
+    """The training build of the position attention (an autograd Function with a hand-written backward) passes
+    gradcheck for every position parameter, with one query per chunk and with all queries in one chunk. (On torch 2.1
+    a strided gradient handed to the GroupNorm backward kernel gave wrong gradients without any error.)"""
+    from torch.func import functional_call
+    torch.manual_seed(0)
+    pos = make_micro(dtype=torch.float64).pos_attn
+    h, w = 3, 4
+    names = [k for k, _ in pos.named_parameters()]
+    params = [(p.detach() + 0.1 * torch.randn_like(p)).requires_grad_() for _, p in pos.named_parameters()]
+    assert gates.use_offset_build(pos, len(pos.blocks))
+    for chunk_bytes in (1, 1 << 22):
+        pos.chunk_bytes = chunk_bytes
+        assert torch.autograd.gradcheck(
+            lambda *a: torch.stack(functional_call(pos, dict(zip(names, a)), (h, w))), params, eps=1e-6, atol=1e-5)
 
 def test_training_step_same_with_and_without_the_offset_grid_path():
     """A whole training step (loss, every gradient) is the same as through the plain modules (forced by a hook)."""
-    model = _perturbed_micro()
+    model = perturbed_micro(dtype=torch.float64).train()
     x = torch.randn(2, 3, 48, 80, dtype=torch.float64)
     results = []
     for force_modules in (False, True):
@@ -131,11 +97,10 @@ def test_training_step_same_with_and_without_the_offset_grid_path():
     for name, grad in results[0][1].items():
         torch.testing.assert_close(grad, results[1][1][name], rtol=1e-7, atol=1e-12, msg=lambda m: f'{name}: {m}')
 
-
 def test_offset_grid_build_at_inference_and_in_float32():
     """Eval-mode builds (a cache miss) take the same path; float32 agrees with the float64 reference closely."""
     from timm_pervit.tools.reference import official_position_attention
-    model = _perturbed_micro().eval()
+    model = perturbed_micro(dtype=torch.float64).eval()
     ref = torch.stack(official_position_attention(model, 4, 7)).log()
     with torch.no_grad():
         served = torch.stack(model.pos_attn(4, 7))
@@ -144,3 +109,58 @@ def test_offset_grid_build_at_inference_and_in_float32():
     with torch.no_grad():
         served32 = torch.stack(model.pos_attn(4, 7))
     torch.testing.assert_close(served32.double(), ref, rtol=0, atol=1e-4)
+
+@pytest.mark.parametrize('size', [(224, 224), (160, 96)])
+def test_attention_rows_are_distributions_over_the_grid_and_phi_peaks_at_the_query(size):
+    """The paper's peripheral attention: phi_p in (0, 1) weights the content attention exp(q.k / sqrt(d)), and each
+    query's row is L1-normalized over the h*w keys of the grid. So, through the model's own attention module (fused
+    and explicit path): (1) whatever q and k, every row sums to 1 (v = 1 gives 1); (2) with no content (q = k = 0)
+    the attention is exactly phi_p normalized over the keys. And after the peripheral initialization (3) every
+    block's phi_p peaks at the query itself, the first block is local (its nearest keys weigh far more than its
+    farthest) and each deeper block is more global, the last one nearly uniform over the grid."""
+    model = make_micro(dtype=torch.float64).eval()
+    h, w = size[0] // 16, size[1] // 16
+    n = h * w
+    phi = model.position_attention((h, w))
+    assert phi.shape == (12, 2, n, n)
+    assert torch.all(phi > 0) and torch.all(phi < 1)
+    with torch.no_grad():  # what the model attends with at inference (through the cache) is this phi_p
+        torch.testing.assert_close(torch.stack(model.pos_attn(h, w)).exp(), phi, rtol=0, atol=1e-15)
+
+    # (3) peripheral: a peak at the query, local first, global last
+    dist = model.pos_attn.distances(h, w)[:, 0, 2:-2, 2:-2].reshape(n, n).double()
+    assert torch.equal(phi.argmax(-1), torch.arange(n).expand(12, 2, n))
+    step = dist[dist > 0].min()
+    nearest = phi[0][:, (dist - step).abs() < 1e-9].reshape(2, -1)  # per head: the keys one step away, every query
+    farthest = phi[0].gather(-1, dist.argmax(-1).expand(2, n)[..., None])[..., 0]
+    assert nearest.min() > 10 * farthest.max()
+    contrast = (phi.amax(-1) / phi.amin(-1)).amax((1, 2))  # per block: the most peaked query's max / min weight
+    assert torch.all(contrast[1:] < contrast[:-1]), contrast
+    assert contrast[0] > 100 and contrast[-1] < 1.01
+
+    # (1) and (2) through the block's attention: proj = identity, v = the tokens' channel 0 in every channel
+    attn = copy.deepcopy(model.blocks[0].attn)
+    c, d = attn.qkv.in_features, attn.head_dim
+    pos_log = phi[0].log()
+    with torch.no_grad():
+        attn.proj.weight.copy_(torch.eye(c, dtype=torch.float64))
+        attn.proj.bias.zero_()
+        wq, wk, wv = attn.qkv.weight.view(3, c, c)
+        wv.zero_()
+        wv[:, 0] = 1.
+        x = torch.randn(2, n, c, dtype=torch.float64)
+        x[..., 0] = 1.
+        for fused in (True, False):
+            attn.fused_attn = fused
+            out = attn(x, pos_log)
+            torch.testing.assert_close(out, torch.ones_like(out), rtol=0, atol=1e-12)
+        wq.zero_()
+        wk.zero_()
+        key_value = torch.linspace(-1., 1., n, dtype=torch.float64) ** 3  # any value per key
+        x = torch.zeros(1, n, c, dtype=torch.float64)
+        x[0, :, 0] = key_value
+        expected = (phi[0] @ key_value) / phi[0].sum(-1)  # (heads, queries): the phi-weighted mean of the values
+        for fused in (True, False):
+            attn.fused_attn = fused
+            out = attn(x, pos_log)[0]  # (queries, channels); channel j belongs to head j // head_dim
+            torch.testing.assert_close(out, expected.T.repeat_interleave(d, dim=1), rtol=0, atol=1e-12)

@@ -18,7 +18,9 @@ import torch.nn.functional as F
 from timm_pervit import _compat
 from timm_pervit.layers import attention as _attention
 
-from tests.conftest import MICRO_KWARGS, make_micro
+from tests.conftest import MICRO_KWARGS
+from tests.conftest import PicklePayload
+from tests.conftest import make_micro
 
 
 def _version(v: str):
@@ -180,14 +182,6 @@ def test_cpu_training_attention_without_flash_kernel(monkeypatch):
 
 # ---- safe checkpoint loading ----------------------------------------------------------------------------------------
 
-class _Payload:
-    def __init__(self, marker):
-        self.marker = marker
-
-    def __reduce__(self):
-        return exec, (f'open({str(self.marker)!r}, "w").write("owned")',)
-
-
 def _official_like(path):
     torch.save({'model': {'w': torch.arange(4.)}, 'epoch': 3, 'args': argparse.Namespace(lr=0.1)}, path)
 
@@ -204,7 +198,7 @@ def test_torch_load_weights_only_allows_namespace_and_refuses_code(tmp_path, mon
     assert ckpt['args'] == argparse.Namespace(lr=0.1) and torch.equal(ckpt['model']['w'], torch.arange(4.))
     with pytest.raises(pickle.UnpicklingError):
         _compat.torch_load_weights_only(str(good))  # Namespace not allow-listed
-    torch.save({'model': {'w': torch.zeros(2)}, 'args': _Payload(marker)}, evil)
+    torch.save({'model': {'w': torch.zeros(2)}, 'args': PicklePayload(marker)}, evil)
     with pytest.raises(pickle.UnpicklingError):
         _compat.torch_load_weights_only(str(evil), [argparse.Namespace])
     assert not marker.exists()
@@ -214,7 +208,7 @@ def test_restricted_unpickler_refuses_other_globals(tmp_path):
     """The torch < 2.5 fallback resolves only torch's weights-only globals and the given classes."""
     marker = tmp_path / 'pwned'
     module = _compat._restricted_pickle_module([argparse.Namespace])
-    for obj in (_Payload(marker), {'t': torch.zeros(1), 'fn': print}, {'ns': argparse.ArgumentParser}):
+    for obj in (PicklePayload(marker), {'t': torch.zeros(1), 'fn': print}, {'ns': argparse.ArgumentParser}):
         path = tmp_path / 'x.pth'
         torch.save(obj, path)
         with pytest.raises(pickle.UnpicklingError, match='not allow-listed'):

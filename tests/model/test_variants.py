@@ -13,9 +13,12 @@ from timm_pervit.tools.reference import OfficialFormula
 
 VARIANTS = ['pervit_tiny', 'pervit_small', 'pervit_medium']
 
+
 PARAMS = {'pervit_tiny': 7_591_000, 'pervit_small': 21_317_672, 'pervit_medium': 43_723_936}
 
+
 GMACS = {'pervit_tiny': 1.745, 'pervit_small': 4.750, 'pervit_medium': 9.441}
+
 
 def test_registered_with_timm():
     assert timm.list_models('pervit*') == sorted(VARIANTS)

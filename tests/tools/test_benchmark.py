@@ -6,7 +6,6 @@ import json
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -18,9 +17,9 @@ from timm_pervit.tools import benchmark
 from timm_pervit.pervit import PeripheralAttention, PerViT, checkpoint_filter_fn
 from timm_pervit.tools.reference import OfficialFormula, official_position_attention
 
+from tests.conftest import FIXTURES
 from tests.conftest import MICRO_KWARGS as MICRO
 
-FIXTURES = Path(__file__).parent / 'fixtures'
 MICRO_JSON = json.dumps(MICRO)
 FAST = ['--batch-size', '2', '--img-size', '64', '--iters', '2', '--warmup', '1', '--no-progress', '--no-roofline']
 

@@ -19,6 +19,7 @@ from timm_pervit.paper import PAPER_RESULTS
 from timm_pervit.pervit import official_to_timm
 
 from tests.conftest import FIXTURES
+from tests.conftest import PicklePayload
 
 
 def test_to_official_inverts_convert_official():
@@ -72,13 +73,8 @@ def test_converted_folder(pervit_hub_root, pervit_tiny_official):
 def _malicious_checkpoint(tmp_path):
     """A .pth whose unpickling would write a marker file: (path, marker)."""
     marker = tmp_path / 'pwned'
-
-    class Payload:
-        def __reduce__(self):
-            return exec, (f'open({str(marker)!r}, "w").write("owned")',)
-
     evil = tmp_path / 'evil.pth'
-    torch.save({'model': {'head.weight': torch.zeros(2, 2)}, 'args': Payload()}, evil)
+    torch.save({'model': {'head.weight': torch.zeros(2, 2)}, 'args': PicklePayload(marker)}, evil)
     return evil, marker
 
 

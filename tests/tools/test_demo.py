@@ -13,13 +13,11 @@ from timm_pervit._compat import create_model_from_folder
 from timm_pervit.tools.demo import (
     NUM_CLASSES, choose_threads, evaluate, family_table, load_digits_split, main, run_demo, train)
 
-from tests.conftest import MICRO_ARCH, REPO, make_micro
+from tests.conftest import MICRO_ARCH
+from tests.conftest import REPO
+from tests.conftest import is_png
+from tests.conftest import make_micro
 
-
-
-def _png(path):
-    with open(path, 'rb') as f:
-        return f.read(8) == b'\x89PNG\r\n\x1a\n'
 
 
 @pytest.fixture(scope='module')
@@ -51,7 +49,7 @@ def test_demo_writes_every_file(demo_run):
     out, summary = demo_run
     files = summary['files']
     for key in ('predictions', 'position_attention', 'non_locality'):
-        assert _png(files[key]), key
+        assert is_png(files[key]), key
         assert Path(files[key]).parent == out
     folder = Path(files['model'])
     assert (folder / 'config.json').is_file() and (folder / 'model.safetensors').is_file()
@@ -104,7 +102,7 @@ def test_demo_from_checkpoint_folder(demo_run, tmp_path):
         output_dir=str(tmp_path), checkpoint=summary['files']['model'], img_size=32, threads=1, table=False,
         progress=False, log=lambda *a: None)
     assert again['accuracy'] == summary['accuracy']
-    assert _png(again['files']['position_attention'])
+    assert is_png(again['files']['position_attention'])
 
 
 @pytest.mark.parametrize('budget,max_epochs,expected', [(1e-3, 9, 1), (1e6, 3, 3)])

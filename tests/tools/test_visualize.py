@@ -12,12 +12,8 @@ from timm_pervit.tools.visualize import (
     token_grid, visualize_model,
 )
 
+from tests.conftest import is_png
 from tests.conftest import make_micro
-
-
-def _png(path):
-    with open(path, 'rb') as f:
-        return f.read(8) == b'\x89PNG\r\n\x1a\n'
 
 
 def test_token_distances_2x2():
@@ -99,7 +95,7 @@ def test_plots_sort_heads_and_write_png(tmp_path):
     glob = torch.ones(n, n) * 0.9
     phi = torch.stack([torch.stack([glob, local]), torch.stack([local, glob])])
     fig = plot_position_attention(phi, 3, path=tmp_path / 'pa.png')
-    assert _png(tmp_path / 'pa.png')
+    assert is_png(tmp_path / 'pa.png')
     titles = [[fig.axes[b * 2 + j].get_title() for j in range(2)] for b in range(2)]
     assert titles[0][0].startswith('h1 ') and titles[0][1].startswith('h0 ')
     assert titles[1][0].startswith('h0 ') and titles[1][1].startswith('h1 ')
@@ -113,7 +109,7 @@ def test_plots_sort_heads_and_write_png(tmp_path):
         plot_position_attention(phi, 3, query=(3, 0))
     nl = non_locality(phi, 3)
     fig = plot_non_locality(nl, 3, reference=nl * 0.5, path=tmp_path / 'nl.png')
-    assert _png(tmp_path / 'nl.png')
+    assert is_png(tmp_path / 'nl.png')
     ys = sorted(float(v) for coll in fig.axes[0].collections for v in coll.get_offsets()[:, 1])
     assert ys == pytest.approx(sorted(nl.flatten().tolist()), abs=1e-6)
 
@@ -121,7 +117,7 @@ def test_plots_sort_heads_and_write_png(tmp_path):
 def test_visualize_model_micro_non_square(tmp_path):
     model = make_micro().eval()
     out = visualize_model(model, (2, 4), tmp_path / 'viz', prefix='micro_')
-    assert _png(out['position_attention']) and _png(out['non_locality'])
+    assert is_png(out['position_attention']) and is_png(out['non_locality'])
     assert out['position_attention'].name == 'micro_position_attention.png'
     torch.testing.assert_close(out['nl'], non_locality(model.position_attention((2, 4)), (2, 4)))
 
@@ -152,7 +148,7 @@ def test_cli_with_checkpoint_file(tmp_path):
         capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert '64x96 px -> 4x6 token grid' in proc.stdout
-    assert _png(tmp_path / 'out' / 'position_attention.png') and _png(tmp_path / 'out' / 'non_locality.png')
+    assert is_png(tmp_path / 'out' / 'position_attention.png') and is_png(tmp_path / 'out' / 'non_locality.png')
     block0 = next(line for line in proc.stdout.splitlines() if 'block  0:' in line)
     printed = [float(v) for v in block0.split(':')[1].split()]
     assert printed == pytest.approx(sorted(expected[0].tolist()), abs=1e-3)
