@@ -243,7 +243,8 @@ import torch.nn as nn
 from torch.func import functional_call
 
 from timm_pervit.convert import to_official
-from timm_pervit.pervit import PerViT, official_to_timm as convert_official
+from timm_pervit.pervit import PerViT
+from timm_pervit.keys import official_to_timm as convert_official
 from timm_pervit.reference import OfficialFormula
 
 from .utils import offsets

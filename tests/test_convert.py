@@ -15,7 +15,7 @@ from timm_pervit import PERVIT_VARIANTS
 from timm_pervit._compat import timm_loads_files_weights_only
 from timm_pervit.convert import convert_checkpoint, load_checkpoint, main, push_folder, to_official
 from timm_pervit.paper import PAPER_RESULTS
-from timm_pervit.pervit import official_to_timm as convert_official
+from timm_pervit.keys import official_to_timm as convert_official
 
 from .conftest import FIXTURES
 
