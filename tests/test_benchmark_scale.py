@@ -99,3 +99,13 @@ def test_scale_plot_names_the_extra_without_matplotlib(tmp_path, monkeypatch, ca
 def test_scale_sizes_must_be_positive_integers(value, capsys):
     assert benchmark.main(['--model-kwargs', MICRO_JSON, '--scale', value]) == 2
     assert '--scale takes positive input sizes' in capsys.readouterr().err
+
+
+def test_scale_options_in_the_help(capsys):
+    with pytest.raises(SystemExit) as exc:
+        benchmark.main(['--help'])
+    assert exc.value.code == 0
+    help_text = ' '.join(capsys.readouterr().out.split())  # argparse wraps lines
+    for option in ('--scale ', '--scale-train', '--scale-plot', '--scale-mem-limit', '--scale-timeout'):
+        assert option in help_text
+    assert '80% of the memory free' in help_text

@@ -1161,7 +1161,7 @@ def _parser() -> argparse.ArgumentParser:
                    'against tokens (PNG; needs matplotlib: pip install timm-pervit[viz])')
     g.add_argument('--scale-mem-limit', type=float, default=0., metavar='MiB',
                    help='skip (n/a) points the explicit formula or the official code is estimated to need more '
-                        f'memory for (0: {SCALE_MEMORY_SHARE:.0%} of the memory free at the start)')
+                        f'memory for (0: {100 * SCALE_MEMORY_SHARE:.0f}%% of the memory free at the start)')
     g.add_argument('--scale-timeout', type=float, default=1800., metavar='S',
                    help='seconds one (candidate, size) process may run before it is stopped (n/a)')
     p.add_argument('--gate-float32', action='store_true',
