@@ -10,7 +10,7 @@ import sys
 import pytest
 import timm
 
-from timm_pervit import benchmark
+from timm_pervit.tools import benchmark
 
 from .conftest import MICRO_KWARGS as MICRO
 

@@ -41,7 +41,7 @@ Example::
     python -m timm_pervit benchmark --model pervit_tiny --batch-size 32 --threads 2 --mode both --amp --compile
     python -m timm_pervit benchmark --model pervit_tiny --batch-size 32 --threads 2 --mode both \
         --official-repo ../pervit --peers deit_tiny_patch16_224,convit_tiny
-    python -m timm_pervit.benchmark --scale 224,448,672,896,1024 --model pervit_tiny --peers deit_tiny_patch16_224 \
+    python -m timm_pervit benchmark --scale 224,448,672,896,1024 --model pervit_tiny --peers deit_tiny_patch16_224 \
         --threads 2 --scale-train --scale-plot docs/scaling.png --json scaling.json
 """
 import argparse
@@ -954,7 +954,7 @@ def run_scale(
     Every (candidate, size) runs in its own fresh process (``_scale_child``), in turn, so that its peak memory is its
     own: batch 1 inference (first call, then the median of ``iters`` calls after ``warmup``) and, with ``train``, a
     batch 2 training step (forward, backward, SGD step). PerViT is the model as shipped (default settings); the
-    explicit formula is ``timm_pervit.reference.OfficialFormula`` on the same weights, the official code is
+    explicit formula is ``timm_pervit.tools.reference.OfficialFormula`` on the same weights, the official code is
     imported from ``official_repo`` (it only accepts 224px input) and peers are timm models created with
     ``dynamic_img_size=True`` where they take it. A point the explicit formula or the official code is estimated
     to need more than ``mem_limit_mb`` for (``official_formula_bytes``; default ``SCALE_MEMORY_SHARE`` of the memory
