@@ -30,7 +30,7 @@ from .attention import differentiable_grads
 
 __all__ = [
     'PeripheralPosition', 'PositionConvNet', 'PositionMemoryError', 'POS_CACHE_BYTES', 'POS_MAX_BLOCK_BYTES',
-    'POS_CHUNK_BYTES', 'KEY_PAD',
+    'POS_CHUNK_BYTES', 'KEY_PAD', 'token_distances',
 ]
 
 _logger = logging.getLogger(__name__)
@@ -49,6 +49,32 @@ POS_CHUNK_BYTES = 1 << 21
 #: Key positions added on each side of the token grid for the position encoding: the two valid 3x3 convs of
 #: ``PositionConvNet`` remove them again.
 KEY_PAD = 2
+
+
+def _grid_offsets(n: int, steps: torch.Tensor) -> torch.Tensor:
+    """Offsets counted in grid steps, in normalized coordinates: the step of ``linspace(-1, 1, n)`` is 2 / (n - 1),
+    taken as a tensor (a Python float of n would be baked into a traced graph)."""
+    return steps * (torch.arange(n, device=steps.device, dtype=steps.dtype)[-1].reciprocal() * 2.)
+
+
+def _distance(dy: torch.Tensor, dx: torch.Tensor) -> torch.Tensor:
+    return torch.sqrt(dy * dy + dx * dx)
+
+
+def token_distances(h: int, w: int, key_pad: int = 0, device=None, dtype=None) -> torch.Tensor:
+    """Euclidean distance from every token of an h x w grid to every key of the grid extended by ``key_pad``
+    positions on each side, in the model's normalized coordinates (token centres on ``linspace(-1, 1, n)`` per axis,
+    so an image side has length 2), (h*w, h+2p, w+2p), queries in row-major order.
+
+    Built from integer grid offsets times the grid step: exactly translation invariant, and every size is derived
+    from ``torch.arange(n)``, so ``h`` and ``w`` stay symbolic when torch.export or torch.onnx trace the model.
+    """
+    axes = []
+    for n in (h, w):
+        query = torch.arange(n, device=device, dtype=dtype)
+        key = torch.arange(n + 2 * key_pad, device=device, dtype=dtype) - key_pad
+        axes.append(_grid_offsets(n, query.unsqueeze(1) - key.unsqueeze(0)))  # (n, n + 2p): query to key
+    return _distance(axes[0][:, None, :, None], axes[1][None, :, None, :]).flatten(0, 1)
 
 
 class PositionMemoryError(MemoryError):
@@ -576,27 +602,10 @@ class PeripheralPosition(nn.Module):
         return torch.device('cpu'), torch.get_default_dtype()
 
     def distances(self, h: int, w: int) -> torch.Tensor:
-        """Euclidean distance from every query (inner h x w grid) to every key of the extended grid.
-
-        Built from integer grid offsets times the grid step ``2 / (n - 1)`` (the spacing of ``linspace(-1, 1, n)``):
-        the same values as differences of linspace coordinates up to float rounding, exactly translation invariant,
-        and every size is derived from ``torch.arange(n)``, so ``h`` and ``w`` stay symbolic when torch.export or
-        torch.onnx trace the model (the exported graph then works at every input size).
-
-        Returns:
-            Distances of shape (h*w, 1, h+4, w+4), on the device and in the dtype of the parameters.
-        """
+        """Distance from every query (inner h x w grid) to every key of the grid extended by ``key_pad``:
+        ``token_distances`` on the device and in the dtype of the parameters, (h*w, 1, h+4, w+4)."""
         device, dtype = self._factory()
-        p = self.key_pad
-        offsets: List[torch.Tensor] = []
-        for n in (h, w):
-            query = torch.arange(n, device=device, dtype=dtype)
-            key = torch.arange(n + 2 * p, device=device, dtype=dtype) - p
-            step = query[-1].reciprocal() * 2.  # a tensor: a Python float of n would be baked into a traced graph
-            offsets.append((query.unsqueeze(1) - key.unsqueeze(0)) * step)  # (n, n + 2p): query to key coordinate
-        dy = offsets[0][:, None, :, None]
-        dx = offsets[1][None, :, None, :]
-        return torch.sqrt(dy * dy + dx * dx).flatten(0, 1).unsqueeze(1)
+        return token_distances(h, w, self.key_pad, device=device, dtype=dtype).unsqueeze(1)
 
     def offset_distances(self, h: int, w: int) -> torch.Tensor:
         """Distance of every key-query offset, (2h+3, 2w+3): entry (h+1+i, w+1+j) for i rows and j columns apart.
@@ -605,9 +614,10 @@ class PeripheralPosition(nn.Module):
         query's (h+4)x(w+4) distance map is a window of this grid.
         """
         device, dtype = self._factory()
-        dy = torch.arange(-(h + 1), h + 2, device=device, dtype=dtype) * (2. / (h - 1))
-        dx = torch.arange(-(w + 1), w + 2, device=device, dtype=dtype) * (2. / (w - 1))
-        return torch.sqrt(dy[:, None] * dy[:, None] + dx[None, :] * dx[None, :])
+        p = self.key_pad
+        dy = _grid_offsets(h, torch.arange(-(h - 1 + p), h + p, device=device, dtype=dtype))
+        dx = _grid_offsets(w, torch.arange(-(w - 1 + p), w + p, device=device, dtype=dtype))
+        return _distance(dy[:, None], dx[None, :])
 
     def project(self, dist: torch.Tensor) -> torch.Tensor:
         """The shared distance projection as a module on a distance map: (Nq, 1, hk, wk) -> (Nq, 4H, hk, wk)."""
