@@ -39,19 +39,13 @@ def _running_command_line() -> bool:
 
 
 if _running_command_line():
-    _LAZY.update(dict.fromkeys(
-        ('HF_HUB_NAMESPACE', 'MIN_INPUT_SIZE', 'PERVIT_VARIANTS', 'PerViT', 'checkpoint_filter_fn', 'official_to_timm',
-         'timm_to_official'), 'pervit'))
+    _LAZY.update({  # the names of the imports below, from the same modules
+        'HF_HUB_NAMESPACE': 'pervit', 'MIN_INPUT_SIZE': 'layers.inputs', 'PERVIT_VARIANTS': 'pervit', 'PerViT': 'pervit',
+        'checkpoint_filter_fn': 'pervit', 'official_to_timm': 'keys', 'timm_to_official': 'keys'})
 else:
-    from .pervit import (  # registers the models with timm
-        HF_HUB_NAMESPACE,
-        MIN_INPUT_SIZE,
-        PERVIT_VARIANTS,
-        PerViT,
-        checkpoint_filter_fn,
-        official_to_timm,
-        timm_to_official,
-    )
+    from .keys import official_to_timm, timm_to_official
+    from .layers.inputs import MIN_INPUT_SIZE
+    from .pervit import HF_HUB_NAMESPACE, PERVIT_VARIANTS, PerViT, checkpoint_filter_fn  # registers the models with timm
 
 
 def __getattr__(name: str) -> Any:

@@ -51,7 +51,8 @@ HAS_LOCAL_DIR = _release(timm.__version__) >= (1, 0, 26)
 
 #: timm >= 1.0.29 loads a hub file named ``*.safetensors`` (``hf_hub_filename``) with safetensors. Earlier releases
 #: pass such a name to ``torch.load`` (unpickling error); they find ``model.safetensors`` only as the safe alternative
-#: of the default ``pytorch_model.bin``, i.e. when no file name is configured.
+#: of the default ``pytorch_model.bin``, i.e. when no file name is configured (and without a name, timm also asks the
+#: hub for ``pytorch_model.bin`` when ``model.safetensors`` is missing, hence the name where it can be given).
 LOADS_SAFETENSORS_HUB_FILENAME = _release(timm.__version__) >= (1, 0, 29)
 
 

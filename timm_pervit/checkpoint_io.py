@@ -5,8 +5,9 @@ Official PerViT checkpoints are training checkpoints (``{'model': state_dict, 'o
 converted hub weights are safetensors. Torch files are read with ``weights_only=True`` and ``argparse.Namespace``
 allow-listed, so no pickled code ever runs. A refused file is told apart from a damaged one by a static scan of its
 pickle opcodes (``disallowed_globals``, nothing is imported or run), and a refusal names what it refused
-(``refused_pickle_message``). ``check_floating_point`` refuses integer tensors for floating-point weights (the one
-check behind ``checkpoint_filter_fn``, so timm's pretrained loading and the converter say the same).
+(``refused_pickle_message``). ``check_floating_point`` refuses integer tensors for floating-point weights and
+``check_finite`` NaN or Inf values (the checks behind ``checkpoint_filter_fn``, so timm's pretrained loading and the
+converter say the same).
 """
 import argparse
 import io
@@ -25,8 +26,8 @@ from timm.models import clean_state_dict
 from ._compat import torch_load_weights_only
 
 __all__ = [
-    'load_checkpoint', 'state_dict_of', 'check_floating_point', 'disallowed_globals', 'refused_pickle_message',
-    'STATE_DICT_KEYS',
+    'load_checkpoint', 'state_dict_of', 'check_floating_point', 'check_finite', 'disallowed_globals',
+    'refused_pickle_message', 'STATE_DICT_KEYS',
 ]
 
 PathLike = Union[str, os.PathLike]
@@ -268,6 +269,20 @@ def check_floating_point(state_dict: Mapping[str, torch.Tensor], model: torch.nn
         f'would be cast silently and give garbage outputs. The file was written by a tool that cast or quantized the '
         f'tensors: export the floating-point weights again, or convert the official checkpoint with '
         f'`pervit-convert <checkpoint.pth> --verify`.')
+
+
+def check_finite(state_dict: Mapping[str, torch.Tensor]) -> None:
+    """Refuse checkpoint tensors holding NaN or Inf values.
+
+    Raises:
+        ValueError: Naming how many such tensors there are and the first eight.
+    """
+    not_finite = [k for k, v in state_dict.items() if v.is_floating_point() and not torch.isfinite(v).all()]
+    if not_finite:
+        raise ValueError(
+            f'PerViT checkpoint holds NaN or Inf values in {len(not_finite)} tensor(s): '
+            f'{", ".join(not_finite[:8])}{" ..." if len(not_finite) > 8 else ""}. The file is corrupted or comes from '
+            f'a diverged training run; load an earlier checkpoint.')
 
 
 def state_dict_of(checkpoint: Any, name: str = 'the checkpoint') -> Dict[str, torch.Tensor]:

@@ -28,51 +28,46 @@ Beyond the official implementation, this one:
   device, dtype, autocast state and the values of the position parameters, so it can never be stale), builds it
   through the key-query offset grid, folds the stem's BatchNorms into their convs where they use running statistics
   and runs the MLP in place without autograd; each of these fast paths runs only where its gate in
-  ``timm_pervit.layers.gates`` holds (``fast_paths=False`` turns them all off). The position engine lives in
-  ``timm_pervit.layers.position``;
+  ``timm_pervit.layers.gates`` holds (``fast_paths=False`` turns them all off);
 * implements the full timm model API (features, intermediates, grad checkpointing, layer-decay groups, ...).
+
+Its layers (position engine, stem step, input check) are in ``timm_pervit.layers``, key layouts in ``timm_pervit.keys``.
 
 Written for timm by the timm-pervit authors from the paper and the facts of the official release. Apache-2.0.
 """
 import itertools
-import logging
-import re
 from typing import Any, Dict, List, Optional, Tuple, Type, Union
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
-
 from torch.jit import Final
 
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import DropPath, Mlp, trunc_normal_, use_fused_attn
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
-from timm.models import register_notrace_function, register_notrace_module
 from timm.models._features import feature_take_indices
 
-from .checkpoint_io import check_floating_point, state_dict_of
-from ._compat import LOADS_SAFETENSORS_HUB_FILENAME, autocast_dtype, build_mlp, calculate_drop_path_rates, checkpoint
-from ._compat import get_device_dtype, is_exporting, is_fx_tracing
+from ._compat import LOADS_SAFETENSORS_HUB_FILENAME, build_mlp, calculate_drop_path_rates, checkpoint, get_device_dtype
+from .checkpoint_io import check_finite, check_floating_point, state_dict_of
+from .keys import OFFICIAL_KEY_MAP, RENAMED_KEYS, is_official_layout, official_to_timm, timm_to_official, to_timm_keys
 from .layers import gates
 from .layers.attention import peripheral_sdpa
+from .layers.grad_layout_conv import GradLayoutConv2d
+from .layers.inputs import MIN_INPUT_SIZE, check_image_batch
 from .layers.position import POS_CACHE_BYTES, POS_MAX_BLOCK_BYTES, PeripheralPosition, PositionConvNet
+from .layers.stem import ConvBnReLU, conv_bn_eval
 from .paper import OFFICIAL_URL, PAPER_ID, PAPER_NAME, PAPER_RESULTS
 
+# the names from keys, layers.inputs and layers.stem stay importable from here, where they were defined first
 __all__ = [
     'PerViT', 'PeripheralPosition', 'PositionConvNet', 'PeripheralAttention', 'PerViTBlock', 'checkpoint_filter_fn',
     'official_to_timm', 'timm_to_official', 'is_official_layout', 'OFFICIAL_KEY_MAP', 'PERVIT_VARIANTS',
     'HF_HUB_NAMESPACE', 'MIN_INPUT_SIZE', 'POS_CACHE_BYTES', 'POS_MAX_BLOCK_BYTES', 'ConvBnReLU', 'conv_bn_eval',
-    'check_image_batch',
+    'check_image_batch', 'RENAMED_KEYS',
 ]
-
-_logger = logging.getLogger(__name__)
 
 #: The Hugging Face Hub namespace that holds the converted weights (one place for the whole project).
 HF_HUB_NAMESPACE = 'timm-pervit'
-
-#: Smallest accepted input side in pixels: the stem reduces by 16 and the position grid needs >= 2 tokens per axis.
-MIN_INPUT_SIZE = 32
 
 #: Architecture of the released variants: heads, stage widths, stem widths (stage depths are (2, 2, 6, 2)).
 PERVIT_VARIANTS: Dict[str, Dict[str, Any]] = {
@@ -80,102 +75,6 @@ PERVIT_VARIANTS: Dict[str, Dict[str, Any]] = {
     'pervit_small': dict(num_heads=8, embed_dims=(272, 320, 368, 464), stem_dims=(64, 128, 192, 272)),
     'pervit_medium': dict(num_heads=12, embed_dims=(312, 468, 540, 684), stem_dims=(64, 192, 256, 312)),
 }
-
-
-@register_notrace_function
-def check_image_batch(x: torch.Tensor, in_chans: int, weight_dtype: Optional[torch.dtype] = None) -> None:
-    """Raise an error that names the problem and the fix for an input PerViT cannot take.
-
-    Args:
-        x: The model input.
-        in_chans: Input channels the model was built for.
-        weight_dtype: Dtype of the stem's first conv; an input of another dtype is refused unless autocast is on for
-            its device (autocast casts both).
-    """
-    if not isinstance(x, torch.Tensor):
-        kind = f'{type(x).__module__}.{type(x).__name__}'
-        fix = 'torch.from_numpy(x) (an HWC image also needs .permute(2, 0, 1))' if kind.startswith('numpy.') \
-            else "timm's transform: timm.data.create_transform(**timm.data.resolve_data_config({}, model=model))"
-        raise TypeError(f'PerViT expects a torch.Tensor image batch (B, C, H, W), got a {kind}; convert it with {fix}.')
-    if x.dim() != 4:
-        raise ValueError(
-            f'PerViT expects a 4-D image batch (B, C, H, W), got a tensor of shape {tuple(x.shape)}; '
-            f'add a batch dimension with x.unsqueeze(0) for a single image.')
-    if x.shape[1] == 0:
-        raise ValueError(
-            f'PerViT got an empty image batch with 0 channels (input shape {tuple(x.shape)}); the images were lost '
-            f'before the model (check the data pipeline), the model expects {in_chans} channels.')
-    if x.shape[1] != in_chans:
-        raise ValueError(
-            f'PerViT was built for {in_chans} input channels but got {x.shape[1]} (input shape {tuple(x.shape)}); '
-            f'create the model with in_chans={x.shape[1]} or convert the images to {in_chans} channels.')
-    if x.shape[-2] < MIN_INPUT_SIZE or x.shape[-1] < MIN_INPUT_SIZE:
-        raise ValueError(
-            f'PerViT needs images of at least {MIN_INPUT_SIZE}x{MIN_INPUT_SIZE} px (the 1/16 token grid needs two '
-            f'tokens per side), got {x.shape[-2]}x{x.shape[-1]}; resize or pad the input.')
-    if not x.is_floating_point():
-        raise TypeError(
-            f'PerViT expects float images normalized like its training data, got a {x.dtype} tensor; convert it '
-            f"with timm's transform (timm.data.create_transform(**timm.data.resolve_data_config({{}}, model=model))) "
-            f"or by hand: x.float() / 255, then normalize with the model's pretrained_cfg mean and std.")
-    if weight_dtype is not None and x.dtype != weight_dtype and autocast_dtype(x.device.type) is None:
-        raise TypeError(
-            f'PerViT input is {x.dtype} but the model is {weight_dtype}: convert the input with x.to({weight_dtype}) '
-            f'(or the model with model.to({x.dtype}), or run under torch.autocast).')
-
-
-@register_notrace_function
-def conv_bn_eval(
-        x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], mean: Optional[torch.Tensor],
-        var: Optional[torch.Tensor], gamma: Optional[torch.Tensor], beta: Optional[torch.Tensor], eps: float,
-        stride: Tuple[int, int], padding: Tuple[int, int],
-) -> torch.Tensor:
-    """``BatchNorm_eval(conv2d(x, weight, bias))`` as one conv: eval-mode BatchNorm is a per-channel affine map, folded
-    into the conv's weight and bias (a few thousand values per call, differentiable).
-
-    One node in FX graphs (a registered notrace function; FX wraps only names without a leading underscore): a traced
-    model computes exactly what the eager one does and reads the BatchNorm's statistics when it runs, not when it was
-    traced.
-    """
-    assert mean is not None and var is not None
-    scale = torch.rsqrt(var + eps)
-    if gamma is not None:
-        scale = scale * gamma
-    shift = -mean if bias is None else bias - mean
-    shift = shift * scale if beta is None else torch.addcmul(beta, shift, scale)
-    weight = weight * scale.reshape(-1, 1, 1, 1).to(weight.dtype)
-    return F.conv2d(x, weight, shift.to(weight.dtype), stride, padding)
-
-
-class ConvBnReLU(nn.Module):
-    """3x3 stride-2 convolution (with bias) -> BatchNorm2d -> ReLU, one step of the conv stem."""
-
-    def __init__(
-            self, in_chs: int, out_chs: int, bn_kwargs: Optional[Dict[str, float]] = None, fast_paths: bool = True,
-            device=None, dtype=None):
-        dd = {'device': device, 'dtype': dtype}
-        super().__init__()
-        self.fast_paths = fast_paths
-        self.conv = nn.Conv2d(in_chs, out_chs, kernel_size=3, stride=2, padding=1, bias=True, **dd)
-        self.bn = nn.BatchNorm2d(out_chs, **(bn_kwargs or {}), **dd)
-        self.act = nn.ReLU(inplace=True)
-
-    @torch.jit.unused
-    def _folds_norm(self) -> bool:
-        return gates.use_folded_stem(self)
-
-    @torch.jit.unused
-    def _forward_folded(self, x: torch.Tensor) -> torch.Tensor:
-        bn, conv = self.bn, self.conv
-        x = conv_bn_eval(
-            x, conv.weight, conv.bias, bn.running_mean, bn.running_var, bn.weight, bn.bias, bn.eps, conv.stride,
-            conv.padding)
-        return self.act(x)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not torch.jit.is_scripting() and self._folds_norm():
-            return self._forward_folded(x)
-        return self.act(self.bn(self.conv(x)))
 
 
 class PeripheralAttention(nn.Module):
@@ -230,31 +129,6 @@ class PeripheralAttention(nn.Module):
         return x
 
 
-@register_notrace_module  # one call_module node in FX graphs, as a plain nn.Conv2d
-class _GradLayoutConv2d(nn.Conv2d):
-    """``nn.Conv2d`` whose weight gradient has the weight's strides (PerViTBlock's depthwise conv).
-
-    A (C, 1, 3, 3) weight is contiguous and channels-last at once; for a channels-last input (the blocks' NHWC grid)
-    the backward returns its gradient with channels-last strides (9, 1, 3, 1), the same memory order as the weight's
-    (9, 9, 3, 1), which DistributedDataParallel reports ("Grad strides do not match bucket view strides") and copies.
-    A same-shape view with the weight's own strides is the same tensor to the convolution (same kernel and result) and
-    its backward hands the gradient over in those strides; any other weight layout is passed as it is.
-    """
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        weight = self.weight
-        # FX symbolic tracing (the weight is a Proxy, its strides unknown) and export tracing (a graph for inference,
-        # which jit.trace's check may record again without autograd) take the conv as it is
-        traced = False
-        if not torch.jit.is_scripting():
-            traced = is_fx_tracing() or is_exporting()
-        if not traced and torch.is_grad_enabled() and weight.requires_grad:
-            view = weight.view(weight.shape)
-            if view.stride() == weight.stride():
-                weight = view
-        return self._conv_forward(x, weight, self.bias)
-
-
 class PerViTBlock(nn.Module):
     """PerViT block on an NHWC token grid.
 
@@ -282,7 +156,7 @@ class PerViTBlock(nn.Module):
         dd = {'device': device, 'dtype': dtype}
         super().__init__()
         self.fast_paths = fast_paths
-        self.dwconv = _GradLayoutConv2d(dim, dim, kernel_size=3, padding=1, groups=dim, bias=True, **dd)
+        self.dwconv = GradLayoutConv2d(dim, dim, kernel_size=3, padding=1, groups=dim, bias=True, **dd)
         self.norm1 = norm_layer(dim, eps=norm_eps, **dd)
         self.attn = PeripheralAttention(
             dim, num_heads=num_heads, qkv_bias=qkv_bias, proj_drop=proj_drop, fast_paths=fast_paths, **dd)
@@ -610,97 +484,33 @@ class PerViT(nn.Module):
         return x
 
 
-#: The official checkpoint layout <-> this implementation's, one row per renamed key prefix; ``{i}`` is a block or stem
-#: index, ``{n}`` the index of the stem's final 1x1 conv (the number of stride-2 convs). Keys not listed keep their
-#: name.
-#: The first matching row applies, so specific prefixes come before general ones.
-OFFICIAL_KEY_MAP: Tuple[Tuple[str, str], ...] = (
-    ('conv_layers.conv_layers.{i}.0.', 'stem.{i}.conv.'),
-    ('conv_layers.conv_layers.{i}.1.', 'stem.{i}.bn.'),
-    ('conv_layers.conv1x1.', 'stem.{n}.'),
-    ('rpe_proj.', 'pos_attn.dist_proj.'),
-    ('blocks.{i}.attn.activation.gn1.', 'pos_attn.blocks.{i}.norm1.'),
-    ('blocks.{i}.attn.activation.gn2.', 'pos_attn.blocks.{i}.norm2.'),
-    ('blocks.{i}.attn.activation.', 'pos_attn.blocks.{i}.'),
-    ('blocks.{i}.attn.to_qkv.', 'blocks.{i}.attn.qkv.'),
-    ('blocks.{i}.conv.proj.', 'blocks.{i}.dwconv.'),
-    ('blocks.{i}.res_path.', 'blocks.{i}.shortcut.'),
-)
-
-#: Earlier names of this implementation's keys, accepted by ``checkpoint_filter_fn`` (old -> new prefix).
-RENAMED_KEYS: Tuple[Tuple[str, str], ...] = (('pos_embed.', 'pos_attn.'),)
-
-
-def _prefix_pattern(template: str) -> 're.Pattern[str]':
-    return re.compile(re.escape(template).replace(r'\{i\}', r'(?P<i>\d+)').replace(r'\{n\}', r'(?P<n>\d+)'))
-
-
-def _remap_keys(state_dict: Dict[str, Any], to_official: bool) -> Dict[str, Any]:
-    """Rename keys with ``OFFICIAL_KEY_MAP`` in either direction (values untouched)."""
-    src, dst = (1, 0) if to_official else (0, 1)
-    if to_official:
-        n_stem = max(int(k.split('.')[1]) for k in state_dict if k.startswith('stem.'))
-    else:
-        n_stem = sum(1 for k in state_dict if re.match(r'conv_layers\.conv_layers\.\d+\.0\.weight$', k))
-    rows = [(_prefix_pattern(row[src]), row[dst]) for row in OFFICIAL_KEY_MAP]
-    out = {}
-    for key, value in state_dict.items():
-        new = key
-        for pattern, template in rows:
-            m = pattern.match(key)
-            if m and ('n' not in m.groupdict() or int(m.group('n')) == n_stem):
-                new = template.format(i=m.groupdict().get('i'), n=n_stem) + key[m.end():]
-                break
-        out[new] = value
-    return out
-
-
-def official_to_timm(state_dict: Dict[str, Any]) -> Dict[str, Any]:
-    """Rename the keys of an official PerViT state dict to this implementation's keys (values untouched)."""
-    return _remap_keys(state_dict, to_official=False)
-
-
-def timm_to_official(state_dict: Dict[str, Any]) -> Dict[str, Any]:
-    """Rename the keys of a timm_pervit state dict to the official layout (inverse of ``official_to_timm``)."""
-    return _remap_keys(state_dict, to_official=True)
-
-
-def is_official_layout(state_dict: Dict[str, Any]) -> bool:
-    """True for a state dict in the official PerViT key layout."""
-    return any(k.startswith(('conv_layers.', 'rpe_proj.')) or '.attn.to_qkv.' in k for k in state_dict)
-
-
 def checkpoint_filter_fn(state_dict: Dict[str, Any], model: PerViT) -> Dict[str, torch.Tensor]:
     """Convert an official PerViT checkpoint (or pass through one of this implementation) for ``model``.
 
     Accepts a bare state dict or a training checkpoint holding it under 'model' / 'state_dict' (also the names this
-    implementation used before, see ``RENAMED_KEYS``). Raises a ValueError when the tensors do not fit the model's
-    architecture (naming the released variant the checkpoint belongs to, if it is another one), when it holds NaN or
-    Inf values or integer tensors for floating-point weights (naming the tensors), or when it is not a state dict at all. The stem's first conv and the classifier
-    are not checked: timm adapts them for ``in_chans`` / ``num_classes`` after this filter.
+    implementation used before, see ``timm_pervit.keys.RENAMED_KEYS``). Raises a ValueError when the tensors do not
+    fit the model's architecture (naming the released variant the checkpoint belongs to, if it is another one), when
+    it holds NaN or Inf values or integer tensors for floating-point weights (naming the tensors), or when it is not a
+    state dict at all. The stem's first conv and the classifier are not checked: timm adapts them for ``in_chans`` /
+    ``num_classes`` after this filter.
     """
-    state_dict = state_dict_of(state_dict, 'the PerViT checkpoint')
-    if is_official_layout(state_dict):
-        state_dict = official_to_timm(state_dict)
-    for old, new in RENAMED_KEYS:
-        state_dict = {(new + k[len(old):] if k.startswith(old) else k): v for k, v in state_dict.items()}
+    state_dict = to_timm_keys(state_dict_of(state_dict, 'the PerViT checkpoint'))
     check_floating_point(state_dict, model)  # ValueError for integer tensors of floating-point weights
-    not_finite = [k for k, v in state_dict.items() if v.is_floating_point() and not torch.isfinite(v).all()]
-    if not_finite:
-        raise ValueError(
-            f'PerViT checkpoint holds NaN or Inf values in {len(not_finite)} tensor(s): '
-            f'{", ".join(not_finite[:8])}{" ..." if len(not_finite) > 8 else ""}. The file is corrupted or comes from '
-            f'a diverged training run; load an earlier checkpoint.')
+    check_finite(state_dict)
     target = model.state_dict()
-    skip = ('stem.0.conv.', 'head.')
     mismatched = [
         f'{k}: checkpoint {tuple(v.shape)} vs model {tuple(target[k].shape)}'
         for k, v in state_dict.items()
-        if k in target and not k.startswith(skip) and v.shape != target[k].shape
+        if k in target and not k.startswith(('stem.0.conv.', 'head.')) and v.shape != target[k].shape
     ]
     missing_blocks = len(model.blocks) > 0 and f'blocks.{len(model.blocks) - 1}.norm1.weight' not in state_dict
     if mismatched or missing_blocks:
-        hint = _variant_hint(state_dict, model)
+        # name the released variant with the checkpoint's final width, when it is not this model's
+        widths = {arch['embed_dims'][-1]: name for name, arch in PERVIT_VARIANTS.items()}
+        norm = state_dict.get('norm.weight')
+        looks_like = widths.get(norm.shape[0]) if norm is not None and norm.dim() == 1 else None
+        hint = '' if looks_like is None or norm.shape[0] == model.num_features else (
+            f'it looks like a {looks_like} checkpoint: create that model instead. ')
         detail = '; '.join(mismatched[:4]) + (f' (+{len(mismatched) - 4} more)' if len(mismatched) > 4 else '')
         if missing_blocks:
             detail = (detail + '; ' if detail else '') + f'it has no weights for block {len(model.blocks) - 1}'
@@ -708,16 +518,6 @@ def checkpoint_filter_fn(state_dict: Dict[str, Any], model: PerViT) -> Dict[str,
             f'PerViT checkpoint does not fit this model ({model.num_heads} heads, width {model.num_features}): '
             f'{hint}Mismatch: {detail}')
     return state_dict
-
-
-def _variant_hint(state_dict: Dict[str, torch.Tensor], model: 'PerViT') -> str:
-    """Name the released variant a mismatching checkpoint belongs to, when it is another one than ``model``'s."""
-    widths = {arch['embed_dims'][-1]: name for name, arch in PERVIT_VARIANTS.items()}
-    norm = state_dict.get('norm.weight')
-    looks_like = widths.get(norm.shape[0]) if norm is not None and norm.dim() == 1 else None
-    if looks_like is None or norm.shape[0] == model.num_features:
-        return ''
-    return f'it looks like a {looks_like} checkpoint: create that model instead. '
 
 
 def _create_pervit(variant: str, pretrained: bool = False, **kwargs) -> PerViT:
@@ -750,9 +550,13 @@ def _create_pervit(variant: str, pretrained: bool = False, **kwargs) -> PerViT:
     return model
 
 
-def _cfg(url: str = '', **kwargs) -> Dict[str, Any]:
+def _cfg(variant: str, **kwargs) -> Dict[str, Any]:
+    top1, params, gflops = PAPER_RESULTS[variant]
+    # the converter's one file, named where timm can load it by name (older timm: see _compat)
+    hub_file = {'hf_hub_filename': 'model.safetensors'} if LOADS_SAFETENSORS_HUB_FILENAME else {}
     return {
-        'url': url,
+        'url': '',
+        'hf_hub_id': f'{HF_HUB_NAMESPACE}/{variant}.in1k',
         'num_classes': 1000,
         'input_size': (3, 224, 224),
         'min_input_size': (3, MIN_INPUT_SIZE, MIN_INPUT_SIZE),
@@ -768,26 +572,16 @@ def _cfg(url: str = '', **kwargs) -> Dict[str, Any]:
         'paper_ids': PAPER_ID,
         'paper_name': PAPER_NAME,
         'origin_url': OFFICIAL_URL,
+        'description': (
+            f'{variant} trained on ImageNet-1k at 224 px by the PerViT authors; paper: top-1 {top1}%, '
+            f'{params}M params, {gflops} GFLOPs.'),
+        'notes': (f'top1={top1}', 'Weights converted from the official release with timm_pervit.tools.convert.'),
+        **hub_file,
         **kwargs,
     }
 
 
-def _in1k_cfg(variant: str) -> Dict[str, Any]:
-    top1, params, gflops = PAPER_RESULTS[variant]
-    # the one file the converter publishes, named where timm can load it by name (without a name timm also asks the
-    # hub for pytorch_model.bin when model.safetensors is missing); older timm finds it as the default's safe twin
-    hub_file = dict(hf_hub_filename='model.safetensors') if LOADS_SAFETENSORS_HUB_FILENAME else {}
-    return _cfg(
-        hf_hub_id=f'{HF_HUB_NAMESPACE}/{variant}.in1k',
-        **hub_file,
-        description=(
-            f'{variant} trained on ImageNet-1k at 224 px by the PerViT authors; paper: top-1 {top1}%, '
-            f'{params}M params, {gflops} GFLOPs.'),
-        notes=(f'top1={top1}', 'Weights converted from the official release with timm_pervit.tools.convert.'),
-    )
-
-
-default_cfgs = generate_default_cfgs({f'{name}.in1k': _in1k_cfg(name) for name in PERVIT_VARIANTS})
+default_cfgs = generate_default_cfgs({f'{name}.in1k': _cfg(name) for name in PERVIT_VARIANTS})
 
 
 @register_model

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 
 from timm_pervit import checkpoint_filter_fn
-from timm_pervit.pervit import official_to_timm
+from timm_pervit.keys import official_to_timm
 
 from tests.conftest import FIXTURES, make_micro
 

@@ -16,7 +16,7 @@ from timm_pervit._compat import timm_loads_files_weights_only
 from timm_pervit.tools.convert import convert_checkpoint, load_checkpoint, main, push_folder
 from timm_pervit import timm_to_official
 from timm_pervit.paper import PAPER_RESULTS
-from timm_pervit.pervit import official_to_timm
+from timm_pervit.keys import official_to_timm
 
 from tests.conftest import FIXTURES
 from tests.conftest import PicklePayload

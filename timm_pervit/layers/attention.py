@@ -96,8 +96,13 @@ def differentiable_grads(
         fn: Any, inputs: Tuple[torch.Tensor, ...], needs: Tuple[bool, ...], grad_out: torch.Tensor, *args: Any,
 ) -> Tuple[Optional[torch.Tensor], ...]:
     """Gradients of ``fn(*inputs, *args)`` for the inputs in ``needs``, recorded by autograd (a custom Function's
-    backward under ``create_graph=True``): the saved inputs carry their history, so the result is differentiable."""
+    backward under ``create_graph=True``): the saved inputs carry their history, so the result is differentiable.
+
+    ``fn`` runs on an alias of each input, and the gradients are taken at the aliases: an input that is an ancestor of
+    another (the position build takes a grid and statistics computed from it) then gets only its own partial
+    derivative, as autograd expects from a Function's backward, not the total one counted again upstream."""
     with torch.enable_grad():
+        inputs = tuple(t.view_as(t) for t in inputs)
         out = fn(*inputs, *args)
     wanted = [t for t, need in zip(inputs, needs) if need]
     grads = iter(torch.autograd.grad(out, wanted, grad_out, create_graph=True, allow_unused=True) if wanted else ())

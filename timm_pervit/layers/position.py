@@ -30,25 +30,51 @@ from .attention import differentiable_grads
 
 __all__ = [
     'PeripheralPosition', 'PositionConvNet', 'PositionMemoryError', 'POS_CACHE_BYTES', 'POS_MAX_BLOCK_BYTES',
-    'POS_CHUNK_BYTES', 'KEY_PAD',
+    'POS_CHUNK_BYTES', 'KEY_PAD', 'token_distances',
 ]
 
 _logger = logging.getLogger(__name__)
 
-#: Default bound of the inference cache of the position attention (``cache_bytes``): pervit_tiny at 640 px or
-#: pervit_medium at 448 px still fit, in float32.
-POS_CACHE_BYTES = 512 * 2 ** 20
+#: Default bound of the inference cache of the position attention (``cache_bytes``): in float32, the whole model's
+#: fits up to 768 px for pervit_tiny, 640 px for pervit_small and 576 px for pervit_medium (docs/model.md).
+POS_CACHE_BYTES = 2 ** 30
 
 #: Default bound of one block's position attention (``max_block_bytes``): heads x (h*w)^2 values; pervit_tiny reaches
 #: it near 2400 px. A larger input gets a ``PositionMemoryError`` before anything is allocated.
 POS_MAX_BLOCK_BYTES = 8 * 2 ** 30
 
 #: Default working-set bytes of one chunk of queries in the offset-grid build (``chunk_bytes``): cache-sized.
-POS_CHUNK_BYTES = 1 << 22
+POS_CHUNK_BYTES = 1 << 21
 
 #: Key positions added on each side of the token grid for the position encoding: the two valid 3x3 convs of
 #: ``PositionConvNet`` remove them again.
 KEY_PAD = 2
+
+
+def _grid_offsets(n: int, steps: torch.Tensor) -> torch.Tensor:
+    """Offsets counted in grid steps, in normalized coordinates: the step of ``linspace(-1, 1, n)`` is 2 / (n - 1),
+    taken as a tensor (a Python float of n would be baked into a traced graph)."""
+    return steps * (torch.arange(n, device=steps.device, dtype=steps.dtype)[-1].reciprocal() * 2.)
+
+
+def _distance(dy: torch.Tensor, dx: torch.Tensor) -> torch.Tensor:
+    return torch.sqrt(dy * dy + dx * dx)
+
+
+def token_distances(h: int, w: int, key_pad: int = 0, device=None, dtype=None) -> torch.Tensor:
+    """Euclidean distance from every token of an h x w grid to every key of the grid extended by ``key_pad``
+    positions on each side, in the model's normalized coordinates (token centres on ``linspace(-1, 1, n)`` per axis,
+    so an image side has length 2), (h*w, h+2p, w+2p), queries in row-major order.
+
+    Built from integer grid offsets times the grid step: exactly translation invariant, and every size is derived
+    from ``torch.arange(n)``, so ``h`` and ``w`` stay symbolic when torch.export or torch.onnx trace the model.
+    """
+    axes = []
+    for n in (h, w):
+        query = torch.arange(n, device=device, dtype=dtype)
+        key = torch.arange(n + 2 * key_pad, device=device, dtype=dtype) - key_pad
+        axes.append(_grid_offsets(n, query.unsqueeze(1) - key.unsqueeze(0)))  # (n, n + 2p): query to key
+    return _distance(axes[0][:, None, :, None], axes[1][None, :, None, :]).flatten(0, 1)
 
 
 class PositionMemoryError(MemoryError):
@@ -99,37 +125,47 @@ def _box_sums(x: torch.Tensor, kh: int, kw: int) -> torch.Tensor:
     return c[..., kh:, kw:] - c[..., :-kh, kw:] - c[..., kh:, :-kw] + c[..., :-kh, :-kw]
 
 
-def _windows(g: torch.Tensor, r0: int, rows: int, kh: int, kw: int) -> torch.Tensor:
-    """The windows of rows r0 .. r0+rows-1 of window starts: (rows, w, kh, kw, C), a view of g (2h+1, 2w+1, C)."""
-    return g[r0:r0 + rows + kh - 1].unfold(0, kh, 1).unfold(1, kw, 1).permute(0, 1, 3, 4, 2)
+def _chunks(h: int, w: int, queries: int) -> Iterator[Tuple[int, int, int, int]]:
+    """Window-start ranges ``(r0, r1, s0, s1)`` of about ``queries`` windows each: whole rows, or parts of one row."""
+    if queries >= w:
+        rows = queries // w
+        for r0 in range(0, h, rows):
+            yield r0, min(h, r0 + rows), 0, w
+    else:
+        for r0 in range(h):
+            for s0 in range(0, w, queries):
+                yield r0, r0 + 1, s0, min(w, s0 + queries)
 
 
-def _per_window(t: torch.Tensor, kw: int) -> torch.Tensor:
-    """Per-window constants (R, w, C) repeated along the window columns: (R, w, 1, kw, C), dense.
+def _pre_activation(
+        windows: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor, r0: int, r1: int, s0: int, s1: int,
+        out: torch.Tensor) -> torch.Tensor:
+    """relu(window * scale + shift) of window starts [r0, r1) x [s0, s1) into ``out`` (C, R, S, kh, kw).
 
-    Against windows (R, w, kh, kw, C), whose last two dims are contiguous in memory, the last two dims of every operand
-    then are too: the elementwise kernels run one long inner loop per window row instead of one per C channels.
-    """
-    return t[:, :, None, None, :].expand(-1, -1, 1, kw, -1).contiguous()
-
-
-def _affine_relu(x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-    """relu(x * scale + shift) into ``out``: x (R, w, kh, kw, C), scale and shift from ``_per_window``."""
-    torch.addcmul(shift, x, scale, out=out)
-    return out.relu_()
+    A multiply and an in-place add: with the per-window constants broadcast over the window, about twice as fast as
+    one ``addcmul``."""
+    torch.mul(windows[:, r0:r1, s0:s1], scale[:, r0:r1, s0:s1, None, None], out=out)
+    return out.add_(shift[:, r0:r1, s0:s1, None, None]).relu_()
 
 
 class _PositionWindows(torch.autograd.Function):
-    """The per-query part of a position block, a few rows of queries at a time (see ``forward_offsets``).
+    """The per-query part of a position block, a chunk of queries at a time (see ``forward_offsets``).
 
-    Input: conv1's output on the key-query offset grid, g (2h+1, 2w+1, C) channels-last, and the GroupNorm-1 affine
-    of every query's window folded into scale1 and shift1 (h, w, C), indexed by window start. Output: log(phi_p)
-    (H, N, N) = logsigmoid(GN2(conv2(relu(window * scale1 + shift1)))). The window of query (a, b) starts at
-    (h-1-a, w-1-b), so window starts run in reverse query order.
+    Input: conv1's output on the key-query offset grid, g (C, 2h+1, 2w+1), and the GroupNorm-1 affine of every
+    query's (h+2)x(w+2) window of it folded into scale1 and shift1 (C, h, w), indexed by window start. Output:
+    log(phi_p) (H, N, N) = logsigmoid(GN2(conv2(relu(window * scale1 + shift1)))). The window of query (a, b) starts
+    at (h-1-a, w-1-b), so window starts run in reverse query order.
 
-    A chunk's intermediates (about ``chunk_bytes``) stay cache-sized and are recomputed in backward instead of
-    kept: only conv2's output (N x H x N) and GroupNorm-2's statistics are saved. Its backward is differentiable
-    when autograd records it (second-order gradients), through ``plain``.
+    Layout: a chunk's conv2 inputs lie channel-major and flat, (C, windows x (h+2)(w+2)), so conv2 is nine GEMMs of
+    (H, C) by shifted views of that one buffer (output column p of a window reads input column p + di*(w+2) + dj for
+    tap (di, dj)); the columns that run past a window's last valid row or column are computed and discarded. The
+    GEMMs see the whole chunk at once instead of one small image per query, and nothing is copied into patches. The
+    backward runs the same way: conv2's input gradient as one GEMM over the nine shifted copies of the (H-channel)
+    output gradient, its weight gradient as one GEMM with the same copies.
+
+    A chunk (about ``chunk_bytes`` of conv2 input) stays cache-sized and is recomputed in backward instead of kept:
+    only conv2's output (H x N x N) and GroupNorm-2's statistics are saved, and only when a gradient is needed. Its
+    backward is differentiable when autograd records it (second-order gradients), through ``plain``.
     """
 
     @staticmethod
@@ -137,32 +173,51 @@ class _PositionWindows(torch.autograd.Function):
             ctx: Any, g: torch.Tensor, scale1: torch.Tensor, shift1: torch.Tensor, weight2: torch.Tensor,
             bias2: torch.Tensor, gamma2: torch.Tensor, beta2: torch.Tensor, eps2: float, chunk_bytes: int,
     ) -> torch.Tensor:
-        h, w, c = scale1.shape
+        c, h, w = scale1.shape
         kh, kw, heads, n = h + 2, w + 2, weight2.shape[0], h * w
-        rows = max(1, chunk_bytes // (w * kh * kw * c * g.element_size()))
+        win = kh * kw
+        queries = max(1, chunk_bytes // (c * win * g.element_size()))
         dd = dict(dtype=g.dtype, device=g.device)
+        save = any(ctx.needs_input_grad)
         out = torch.empty(heads, h, w, n, **dd)
-        z_all = torch.empty(h * w, heads, h, w, **dd)
-        mean_all = torch.empty(h * w, heads, **dd)
+        z_all = torch.empty(heads, h, w, h, w, **dd) if save else None  # by window start
+        mean_all = torch.empty(heads, h, w, **dd)
         rstd_all = torch.empty_like(mean_all)
-        y_buf = torch.empty(min(rows, h), w, kh, kw, c, **dd)  # one buffer for every chunk: no allocation per chunk
-        for r0 in range(0, h, rows):
-            r1 = min(h, r0 + rows)
-            q = slice(r0 * w, r1 * w)
-            y = _affine_relu(
-                _windows(g, r0, r1 - r0, kh, kw), _per_window(scale1[r0:r1], kw), _per_window(shift1[r0:r1], kw),
-                y_buf[:r1 - r0])
-            # channels-last input: the fast layout for a conv with this few channels; its output goes back to NCHW,
-            # for GroupNorm-2 (the queries of the chunk are its batch), in the one copy into the saved tensor
-            z = z_all[q]
-            z.copy_(F.conv2d(y.view(-1, kh, kw, c).permute(0, 3, 1, 2), weight2, bias2))  # (Nc, H, h, w)
-            u, mean, rstd = torch.native_group_norm(z, gamma2, beta2, z.shape[0], heads, n, heads, eps2)
-            # back to query order: window-start row r is query row h-1-r, and the columns run reversed
-            out[:, h - r1:h - r0] = F.logsigmoid(u).view(r1 - r0, w, heads, n).flip(0, 1).permute(2, 0, 1, 3)
-            mean_all[q] = mean
-            rstd_all[q] = rstd
-        ctx.save_for_backward(g, scale1, shift1, weight2, bias2, gamma2, beta2, z_all, mean_all, rstd_all)
-        ctx.eps2, ctx.rows = eps2, rows
+        taps = weight2.permute(2, 3, 0, 1).reshape(9, heads, c).contiguous()
+        offs = [di * kw + dj for di in range(3) for dj in range(3)]
+        windows = g.unfold(1, kh, 1).unfold(2, kw, 1)  # (C, h, w, kh, kw), a view
+        cap = min(queries, n) if queries < w else min(queries // w, h) * w
+        y_buf = torch.zeros(c, cap * win + offs[-1], **dd)  # the tail past the last window is read, never used
+        z_buf = torch.empty(heads, cap * win, **dd)
+        ls_buf = torch.empty(heads * cap * n, **dd)
+        for r0, r1, s0, s1 in _chunks(h, w, queries):
+            nq = (r1 - r0) * (s1 - s0)
+            cols = nq * win
+            y = y_buf[:, :cols].view(c, r1 - r0, s1 - s0, kh, kw)
+            _pre_activation(windows, scale1, shift1, r0, r1, s0, s1, y)
+            z = z_buf[:, :cols]
+            # conv2's bias is left out: GroupNorm-2 subtracts each (query, head) mean, which removes it exactly
+            torch.mm(taps[0], y_buf[:, :cols], out=z)
+            for t in range(1, 9):
+                z.addmm_(taps[t], y_buf[:, offs[t]:offs[t] + cols])
+            z = z.view(heads, r1 - r0, s1 - s0, kh, kw)[..., :h, :w]
+            # GroupNorm-2 per query and head over its h x w keys, two-pass statistics
+            mean = z.mean((3, 4))
+            d = z - mean[..., None, None]
+            rstd = torch.rsqrt(d.square().mean((3, 4)) + eps2)
+            mean_all[:, r0:r1, s0:s1] = mean
+            rstd_all[:, r0:r1, s0:s1] = rstd
+            if z_all is not None:
+                z_all[:, r0:r1, s0:s1] = z
+            # back to query order (window-start row r is query row h-1-r, columns reversed), then the log-sigmoid
+            # straight into the output
+            u = d.mul_((rstd * gamma2[:, None, None])[..., None, None]).add_(beta2[:, None, None, None, None])
+            u = u.flip(1, 2)
+            dest = out[:, h - r1:h - r0, w - s1:w - s0].view(u.shape)
+            torch.ops.aten.log_sigmoid_forward.output(u, output=dest, buffer=ls_buf[:u.numel()].view(u.shape))
+        if save:
+            ctx.save_for_backward(g, scale1, shift1, weight2, bias2, gamma2, beta2, z_all, mean_all, rstd_all)
+            ctx.eps2, ctx.queries = eps2, queries
         return out.view(heads, n, n)
 
     @staticmethod
@@ -171,17 +226,18 @@ class _PositionWindows(torch.autograd.Function):
             gamma2: torch.Tensor, beta2: torch.Tensor, eps2: float,
     ) -> torch.Tensor:
         """``forward`` in plain autograd ops over all queries at once (its backward under ``create_graph=True``)."""
-        h, w, c = scale1.shape
+        c, h, w = scale1.shape
         kh, kw, heads, n = h + 2, w + 2, weight2.shape[0], h * w
-        y = F.relu(_windows(g, 0, h, kh, kw) * scale1[:, :, None, None, :] + shift1[:, :, None, None, :])
-        z = F.conv2d(y.reshape(-1, kh, kw, c).permute(0, 3, 1, 2), weight2, bias2)
+        windows = g.unfold(1, kh, 1).unfold(2, kw, 1)  # (C, h, w, kh, kw)
+        y = F.relu(windows * scale1[..., None, None] + shift1[..., None, None])
+        z = F.conv2d(y.permute(1, 2, 0, 3, 4).reshape(n, c, kh, kw), weight2, bias2)
         u = F.group_norm(z, heads, gamma2, beta2, eps2)
         return F.logsigmoid(u).view(h, w, heads, n).flip(0, 1).permute(2, 0, 1, 3).reshape(heads, n, n)
 
     @staticmethod
     def backward(ctx: Any, grad_out: torch.Tensor) -> Tuple[Optional[torch.Tensor], ...]:
         g, scale1, shift1, weight2, bias2, gamma2, beta2, z_all, mean_all, rstd_all = ctx.saved_tensors
-        eps2, rows = ctx.eps2, ctx.rows
+        eps2, queries = ctx.eps2, ctx.queries
         need_g, need_scale, need_shift, need_w2, need_b2, need_gamma, need_beta = ctx.needs_input_grad[:7]
         if torch.is_grad_enabled():
             # autograd records this backward (create_graph=True): the gradients of the plain formula, differentiable
@@ -189,61 +245,79 @@ class _PositionWindows(torch.autograd.Function):
             return differentiable_grads(
                 _PositionWindows.plain, inputs, ctx.needs_input_grad[:7], grad_out, eps2) + (None, None)
         need_y = need_g or need_scale or need_shift
-        h, w, c = scale1.shape
+        need_dz = need_y or need_w2 or need_b2
+        c, h, w = scale1.shape
         kh, kw, heads, n = h + 2, w + 2, weight2.shape[0], h * w
-        grad_out = grad_out.reshape(heads, h, w, n)
+        win = kh * kw
+        dd = dict(dtype=g.dtype, device=g.device)
+        grad_out = grad_out.reshape(heads, h, w, h, w)
         grad_g = torch.zeros_like(g) if need_g else None
-        grad_scale = torch.zeros_like(scale1) if need_scale else None
-        grad_shift = torch.zeros_like(shift1) if need_shift else None
-        grad_w2 = torch.zeros_like(weight2) if need_w2 else None
-        grad_b2 = torch.zeros(heads, dtype=weight2.dtype, device=weight2.device) if need_b2 else None
+        grad_scale = torch.empty_like(scale1) if need_scale else None
+        grad_shift = torch.empty_like(shift1) if need_shift else None
+        grad_taps = torch.zeros(9 * heads, c, **dd) if need_w2 else None
+        grad_b2 = torch.zeros(heads, **dd) if need_b2 else None
         grad_gamma = torch.zeros_like(gamma2) if need_gamma else None
         grad_beta = torch.zeros_like(beta2) if need_beta else None
-        # two buffers for every chunk, no allocation per chunk: the recomputed conv2 input, overwritten with the
-        # gradient of its pre-activation, and the product of that gradient with the windows
-        y_buf = torch.empty(min(rows, h), w, kh, kw, c, dtype=g.dtype, device=g.device)
-        prod_buf = torch.empty_like(y_buf) if need_scale else None
-        for r0 in range(0, h, rows):
-            r1 = min(h, r0 + rows)
-            q = slice(r0 * w, r1 * w)
-            z, mean, rstd = z_all[q], mean_all[q], rstd_all[q]
-            u = torch.native_group_norm(z, gamma2, beta2, z.shape[0], heads, n, heads, eps2)[0]  # recomputed
+        taps = weight2.permute(2, 3, 0, 1).reshape(9 * heads, c)  # tap-major rows: (9H, C)
+        offs = [di * kw + dj for di in range(3) for dj in range(3)]
+        pad = offs[-1]
+        windows = g.unfold(1, kh, 1).unfold(2, kw, 1)
+        cap = min(queries, n) if queries < w else min(queries // w, h) * w
+        # buffers for every chunk: conv2's output gradient on the flat layout (columns past a window's valid
+        # outputs stay zero), left-padded so that its nine shifted copies are views; the copies; the recomputed
+        # conv2 input, overwritten with its gradient
+        dz_buf = torch.zeros(heads, pad + cap * win, **dd) if need_dz else None
+        dz_taps = torch.empty(9 * heads, cap * win, **dd) if need_dz else None
+        y_buf = torch.empty(c, cap * win, **dd) if need_y or need_w2 else None
+        for r0, r1, s0, s1 in _chunks(h, w, queries):
+            nr, ns = r1 - r0, s1 - s0
+            cols = nr * ns * win
+            z = z_all[:, r0:r1, s0:s1]
+            mean, rstd = mean_all[:, r0:r1, s0:s1, None, None], rstd_all[:, r0:r1, s0:s1, None, None]
+            xhat = (z - mean).mul_(rstd)
+            u = xhat * gamma2[:, None, None, None, None] + beta2[:, None, None, None, None]
             # d logsigmoid(u) / du = sigmoid(-u)
-            # contiguous: called directly (not through autograd, which makes its inputs contiguous), the GroupNorm
-            # backward kernel of torch 2.1 reads a strided gradient as if it were dense (wrong gradients, no error)
-            du = (grad_out[:, h - r1:h - r0].permute(1, 2, 0, 3).flip(0, 1).reshape(z.shape)
-                  * torch.sigmoid(-u)).contiguous()
-            dz, dgamma, dbeta = torch.ops.aten.native_group_norm_backward(
-                du, z, mean, rstd, gamma2, z.shape[0], heads, n, heads, [True, need_gamma, need_beta])
+            du = grad_out[:, h - r1:h - r0, w - s1:w - s0].flip(1, 2).mul_(torch.sigmoid(u.neg_()))
             if grad_gamma is not None:
-                grad_gamma += dgamma
+                grad_gamma += (du * xhat).sum((1, 2, 3, 4))
             if grad_beta is not None:
-                grad_beta += dbeta
-            if not (need_y or need_w2 or need_b2):
+                grad_beta += du.sum((1, 2, 3, 4))
+            if not need_dz:
                 continue
-            x = _windows(g, r0, r1 - r0, kh, kw)
-            scale = _per_window(scale1[r0:r1], kw)
-            y = _affine_relu(x, scale, _per_window(shift1[r0:r1], kw), y_buf[:r1 - r0])  # recomputed, not kept
-            dy, dw2, db2 = torch.ops.aten.convolution_backward(
-                dz, y.view(-1, kh, kw, c).permute(0, 3, 1, 2), weight2, [heads], [1, 1], [0, 0], [1, 1], False,
-                [0, 0], 1, [need_y, need_w2, need_b2])
-            if grad_w2 is not None:
-                grad_w2 += dw2
+            # GroupNorm-2 (one head per group, over the h x w keys of a query): dz = rstd (dx - mean(dx) - xhat
+            # mean(dx xhat)), dx = du gamma
+            dx = du.mul_(gamma2[:, None, None, None, None])
+            dz = dx.sub_(dx.mean((3, 4), keepdim=True)).sub_(xhat.mul_((dx * xhat).mean((3, 4), keepdim=True)))
+            dz.mul_(rstd)
             if grad_b2 is not None:
-                grad_b2 += db2
+                grad_b2 += dz.sum((1, 2, 3, 4))
+            if not (need_y or need_w2):
+                continue
+            dz_flat = dz_buf[:, pad:pad + cols]
+            dz_flat.view(heads, nr, ns, kh, kw)[..., :h, :w] = dz
+            for t in range(9):  # tap t's copy: dz shifted right by its offset
+                dz_taps[t * heads:(t + 1) * heads, :cols] = dz_buf[:, pad - offs[t]:pad - offs[t] + cols]
+            y = y_buf[:, :cols].view(c, nr, ns, kh, kw)
+            _pre_activation(windows, scale1, shift1, r0, r1, s0, s1, y)  # recomputed, not kept
+            if grad_taps is not None:
+                grad_taps.addmm_(dz_taps[:, :cols], y_buf[:, :cols].t())
             if not need_y:
                 continue
-            dpre = torch.ops.aten.threshold_backward.grad_input(
-                dy.permute(0, 2, 3, 1).view(y.shape), y, 0, grad_input=y)
+            dy = torch.mm(taps.t(), dz_taps[:, :cols]).view(c, nr, ns, kh, kw)
+            dpre = torch.ops.aten.threshold_backward.grad_input(dy, y, 0, grad_input=y)
             if grad_shift is not None:
-                grad_shift[r0:r1] = dpre.sum((2, 3))
-            if grad_scale is not None and prod_buf is not None:
-                grad_scale[r0:r1] = torch.mul(dpre, x, out=prod_buf[:r1 - r0]).sum((2, 3))
+                grad_shift[:, r0:r1, s0:s1] = dpre.sum((3, 4))
+            if grad_scale is not None:
+                grad_scale[:, r0:r1, s0:s1] = torch.mul(dpre, windows[:, r0:r1, s0:s1], out=dy).sum((3, 4))
             if grad_g is not None:
-                dx = dpre.mul_(scale).permute(0, 1, 4, 2, 3)  # (R, w, C, kh, kw)
-                rows_in = r1 - r0 + kh - 1
-                dx = torch.ops.aten.unfold_backward(dx, [r1 - r0, g.shape[1], c, kh], 1, kw, 1)
-                grad_g[r0:r0 + rows_in] += torch.ops.aten.unfold_backward(dx, [rows_in, g.shape[1], c], 0, kh, 1)
+                dw = dpre.mul_(scale1[:, r0:r1, s0:s1, None, None])  # (C, R, S, kh, kw), the windows' gradient
+                rows_in, cols_in = nr + kh - 1, ns + kw - 1
+                dw = torch.ops.aten.unfold_backward(dw, [c, nr, cols_in, kh], 2, kw, 1)
+                grad_g[:, r0:r0 + rows_in, s0:s0 + cols_in] += torch.ops.aten.unfold_backward(
+                    dw, [c, rows_in, cols_in], 1, kh, 1)
+        grad_w2 = None
+        if grad_taps is not None:
+            grad_w2 = grad_taps.view(3, 3, heads, c).permute(2, 3, 0, 1).contiguous()
         return grad_g, grad_scale, grad_shift, grad_w2, grad_b2, grad_gamma, grad_beta, None, None
 
 
@@ -335,9 +409,8 @@ class PositionConvNet(nn.Module):
         conv2_bias = self.conv2.bias
         assert conv2_bias is not None
         return _PositionWindows.apply(
-            g.permute(1, 2, 0).contiguous(), scale1.permute(1, 2, 0).contiguous(),
-            shift1.permute(1, 2, 0).contiguous(), self.conv2.weight, conv2_bias, self.norm2.weight, self.norm2.bias,
-            self.norm2.eps, chunk_bytes)
+            g, scale1, shift1, self.conv2.weight, conv2_bias, self.norm2.weight, self.norm2.bias, self.norm2.eps,
+            chunk_bytes)
 
 
 class _CacheEntry(NamedTuple):
@@ -529,27 +602,10 @@ class PeripheralPosition(nn.Module):
         return torch.device('cpu'), torch.get_default_dtype()
 
     def distances(self, h: int, w: int) -> torch.Tensor:
-        """Euclidean distance from every query (inner h x w grid) to every key of the extended grid.
-
-        Built from integer grid offsets times the grid step ``2 / (n - 1)`` (the spacing of ``linspace(-1, 1, n)``):
-        the same values as differences of linspace coordinates up to float rounding, exactly translation invariant,
-        and every size is derived from ``torch.arange(n)``, so ``h`` and ``w`` stay symbolic when torch.export or
-        torch.onnx trace the model (the exported graph then works at every input size).
-
-        Returns:
-            Distances of shape (h*w, 1, h+4, w+4), on the device and in the dtype of the parameters.
-        """
+        """Distance from every query (inner h x w grid) to every key of the grid extended by ``key_pad``:
+        ``token_distances`` on the device and in the dtype of the parameters, (h*w, 1, h+4, w+4)."""
         device, dtype = self._factory()
-        p = self.key_pad
-        offsets: List[torch.Tensor] = []
-        for n in (h, w):
-            query = torch.arange(n, device=device, dtype=dtype)
-            key = torch.arange(n + 2 * p, device=device, dtype=dtype) - p
-            step = query[-1].reciprocal() * 2.  # a tensor: a Python float of n would be baked into a traced graph
-            offsets.append((query.unsqueeze(1) - key.unsqueeze(0)) * step)  # (n, n + 2p): query to key coordinate
-        dy = offsets[0][:, None, :, None]
-        dx = offsets[1][None, :, None, :]
-        return torch.sqrt(dy * dy + dx * dx).flatten(0, 1).unsqueeze(1)
+        return token_distances(h, w, self.key_pad, device=device, dtype=dtype).unsqueeze(1)
 
     def offset_distances(self, h: int, w: int) -> torch.Tensor:
         """Distance of every key-query offset, (2h+3, 2w+3): entry (h+1+i, w+1+j) for i rows and j columns apart.
@@ -558,9 +614,10 @@ class PeripheralPosition(nn.Module):
         query's (h+4)x(w+4) distance map is a window of this grid.
         """
         device, dtype = self._factory()
-        dy = torch.arange(-(h + 1), h + 2, device=device, dtype=dtype) * (2. / (h - 1))
-        dx = torch.arange(-(w + 1), w + 2, device=device, dtype=dtype) * (2. / (w - 1))
-        return torch.sqrt(dy[:, None] * dy[:, None] + dx[None, :] * dx[None, :])
+        p = self.key_pad
+        dy = _grid_offsets(h, torch.arange(-(h - 1 + p), h + p, device=device, dtype=dtype))
+        dx = _grid_offsets(w, torch.arange(-(w - 1 + p), w + p, device=device, dtype=dtype))
+        return _distance(dy[:, None], dx[None, :])
 
     def project(self, dist: torch.Tensor) -> torch.Tensor:
         """The shared distance projection as a module on a distance map: (Nq, 1, hk, wk) -> (Nq, 4H, hk, wk)."""

@@ -31,11 +31,18 @@ Two more kinds of rows can join the same rounds:
   mode, so PerViT's efficiency (img/s, GMACs, % of the GEMM roofline) can be set against timm's own models. Peers
   compute other functions: they are not correctness-gated (``peer`` in the error column).
 
+``--scale SIZE[,SIZE...]`` measures instead how the cost grows with the input size: PerViT as shipped, the explicit
+formula, the official code (where it runs) and the peers (``dynamic_img_size=True`` where they take it) at every
+size, each (candidate, size) in its own fresh process so that its peak memory is its own (see ``run_scale``), with a
+table, ``--json`` rows and a log-log ``--scale-plot``.
+
 Example::
 
     python -m timm_pervit benchmark --model pervit_tiny --batch-size 32 --threads 2 --mode both --amp --compile
     python -m timm_pervit benchmark --model pervit_tiny --batch-size 32 --threads 2 --mode both \
         --official-repo ../pervit --peers deit_tiny_patch16_224,convit_tiny
+    python -m timm_pervit benchmark --scale 224,448,672,896,1024 --model pervit_tiny --peers deit_tiny_patch16_224 \
+        --threads 2 --scale-train --scale-plot docs/scaling.png --json scaling.json
 """
 import argparse
 import contextlib
@@ -44,9 +51,13 @@ import gc
 import json
 import logging
 import math
+import os
 import re
+import signal
 import statistics
+import subprocess
 import sys
+import tempfile
 import time
 import warnings
 from dataclasses import asdict, dataclass, field
@@ -68,7 +79,8 @@ from .reference import OfficialFormula
 
 __all__ = [
     'Candidate', 'CorrectnessError', 'CorrectnessGate', 'BenchmarkResult', 'parse_candidates', 'check_candidate',
-    'gemm_roofline', 'count_macs', 'peak_memory', 'run_benchmark', 'format_table', 'main',
+    'gemm_roofline', 'count_macs', 'peak_memory', 'run_benchmark', 'format_table', 'ScalePoint',
+    'official_formula_bytes', 'run_scale', 'format_scale_table', 'plot_scale', 'main',
 ]
 
 _logger = logging.getLogger(__name__)
@@ -676,6 +688,416 @@ def format_table(results: Sequence[BenchmarkResult], device: torch.device) -> st
     return '\n'.join(lines)
 
 
+# ---- --scale: measured cost against the input size -------------------------------------------------------------
+#: Share of the memory free at the start of a ``--scale`` run (CPU: ``MemAvailable``; CUDA: free device memory) that
+#: the explicit formula may be estimated to need at one point before that point is reported n/a instead of run.
+SCALE_MEMORY_SHARE = 0.8
+
+#: Batch size of the ``--scale`` inference and training points.
+SCALE_BATCH = {'infer': 1, 'train': 2}
+
+# run in a fresh interpreter: the benchmark module (named by argv[1]) measures one point described by a JSON file
+_CHILD_CODE = 'import importlib, sys; sys.exit(importlib.import_module(sys.argv[1])._scale_child(sys.argv[2]))'
+
+
+class _NotApplicable(Exception):
+    """A candidate cannot run at a point (e.g. the official code at another token grid): reported as n/a."""
+
+
+@dataclass
+class ScalePoint:
+    """One candidate at one input size of ``--scale``; times in seconds, memory in MiB.
+
+    ``first_s`` is the first inference call (for PerViT and the explicit formula it includes building the position
+    attention), ``steady_s`` the median of the timed calls after the warm-up. ``peak_mb`` is the peak of the point's
+    own process over the inference calls (CPU: resident set; CUDA: allocator peak) and ``step_mb`` its growth over the
+    memory held before the first call; ``train_*`` the same for the training step (forward, backward, SGD step).
+    ``ratio``/``train_ratio``/``mem_ratio`` are PerViT's figure divided by this candidate's at the same size (below 1:
+    PerViT is faster or smaller). ``na``/``train_na`` say why a measurement is missing.
+    """
+    img_size: int
+    tokens: int
+    candidate: str
+    kind: str
+    first_s: float = float('nan')
+    steady_s: float = float('nan')
+    times_s: List[float] = field(default_factory=list)
+    peak_mb: float = float('nan')
+    step_mb: float = float('nan')
+    train_s: float = float('nan')
+    train_times_s: List[float] = field(default_factory=list)
+    train_peak_mb: float = float('nan')
+    train_step_mb: float = float('nan')
+    build_s: float = float('nan')  # PerViT: position attention of all blocks, under no_grad
+    build_gflop: float = float('nan')
+    build_gflops: float = float('nan')
+    build_gemm_pct: float = float('nan')
+    train_build_s: float = float('nan')  # PerViT: the same with its backward, as every training step does
+    ratio: float = float('nan')
+    train_ratio: float = float('nan')
+    mem_ratio: float = float('nan')
+    rel_err: float = float('nan')  # reference/official: first output against PerViT's (same weights and input)
+    na: str = ''
+    train_na: str = ''
+
+    def to_dict(self) -> Dict[str, Any]:
+        return {k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in asdict(self).items()}
+
+
+def official_formula_bytes(model: PerViT, img_size: int, batch_size: int, train: bool) -> int:
+    """Rough size of the largest tensors the explicit official formula holds at once for one step, in bytes.
+
+    The position encoder runs every block's first conv on a (N, 4H, h+4, w+4) map (N = h*w queries), every block
+    keeps an (H, N, N) position attention and the attention materialises (B, H, N, N) tensors. At inference the
+    position attention of all blocks is kept and one block's temporaries are alive at a time; in training autograd
+    keeps every block's. Used by ``--scale`` to skip points that would exhaust the machine's memory.
+    """
+    h, w = _token_grid(model, img_size)
+    n, heads, depth = h * w, model.num_heads, len(model.blocks)
+    feats = n * 4 * heads * (h + 4) * (w + 4)
+    conv1 = n * 4 * heads * (h + 2) * (w + 2)  # conv1, norm and relu outputs: three of these
+    phi = heads * n * n
+    attn = batch_size * heads * n * n  # logits, exp, product and normalised weights: four or five
+    if train:
+        values = feats + depth * (3 * conv1 + 3 * phi + 5 * attn)
+    else:
+        values = feats + 3 * conv1 + depth * phi + 4 * attn
+    return values * model.pos_attn.dist_proj.weight.element_size()
+
+
+def _available_mb(device: torch.device) -> float:
+    if device.type == 'cuda':
+        return torch.cuda.mem_get_info(device)[0] / 2 ** 20
+    kb = None
+    try:
+        with open('/proc/meminfo') as f:
+            m = re.search(r'^MemAvailable:\s+(\d+)\s+kB', f.read(), re.MULTILINE)
+            kb = int(m.group(1)) if m else None
+    except OSError:
+        pass
+    return kb / 1024 if kb is not None else float('inf')
+
+
+def _create_scale_peer(name: str, base: PerViT, device: torch.device) -> Tuple[nn.Module, bool]:
+    """A timm model in its default configuration, with ``dynamic_img_size=True`` where it takes it (timm's
+    vision_transformer does: the position embedding is resampled to each input's grid); and whether it took it."""
+    kwargs = dict(num_classes=base.num_classes, in_chans=base.in_chans)
+    try:
+        return timm.create_model(name, dynamic_img_size=True, **kwargs).to(device), True
+    except TypeError:  # the model's constructor has no such argument
+        return timm.create_model(name, **kwargs).to(device), False
+
+
+def _scale_phase(spec: Dict[str, Any], mode: str) -> Dict[str, Any]:
+    """Measure one candidate in one mode at one size in this process (see ``run_scale``)."""
+    device = torch.device(spec['device'])
+    args = argparse.Namespace(
+        model=spec['model'], model_kwargs=spec['model_kwargs'], checkpoint=spec['checkpoint'], seed=spec['seed'])
+    base = _build_model(args, device)
+    kind, size = spec['kind'], spec['img_size']
+    hint = ''
+    if kind == 'official':
+        net = build_official_model(load_official_code(spec['official_repo']), base, mode, device=device)
+        grid = official_token_grid(net)
+        if grid is not None and (grid, grid) != _token_grid(base, size):
+            raise _NotApplicable(f'the official code only accepts a {grid}x{grid} token grid '
+                                 f'({grid * base.stem_stride}px input)')
+        module: nn.Module = net
+    elif kind == 'peer':
+        module, dynamic = _create_scale_peer(spec['candidate'], base, device)
+        hint = '' if dynamic else ' (the model takes no dynamic_img_size)'
+    elif kind == 'reference':
+        module = OfficialFormula(base)
+    else:
+        module = base
+    module.train(mode == 'train')
+    batch = SCALE_BATCH[mode]
+    g = torch.Generator().manual_seed(spec['seed'])
+    x = torch.randn(batch, base.in_chans, size, size, generator=g).to(device)
+    y = torch.randint(0, max(base.num_classes, 1), (batch,), generator=g).to(device)
+    opt = torch.optim.SGD(module.parameters(), lr=1e-6) if mode == 'train' else None
+
+    def call() -> torch.Tensor:
+        if opt is None:
+            with torch.no_grad():
+                out = module(x)
+        else:
+            opt.zero_grad(set_to_none=True)
+            out = module(x)
+            F.cross_entropy(out.float(), y).backward()
+            opt.step()
+        _sync(device)
+        return out
+
+    res: Dict[str, Any] = {}
+
+    def calls() -> None:
+        t = time.perf_counter()
+        try:
+            out = call()
+        except Exception as e:  # e.g. a fixed-size model at another size
+            raise _NotApplicable(f'{type(e).__name__}: {e}'.strip() + hint) from e
+        res['first_s'] = time.perf_counter() - t
+        if opt is None and kind != 'peer':
+            res['logits'] = out.detach().double().flatten().tolist()
+        for _ in range(spec['warmup']):
+            call()
+        times = []
+        for _ in range(spec['iters']):
+            t = time.perf_counter()
+            call()
+            times.append(time.perf_counter() - t)
+        res['times_s'] = times
+
+    res['peak_mb'], res['step_mb'] = peak_memory(calls, device)
+    if kind == 'ours':
+        h, w = _token_grid(base, size)
+        repeats = max(1, min(spec['iters'], 3))
+        if mode == 'train':
+            res['build_s'] = statistics.median(_position_build_seconds(base, h, w) for _ in range(repeats))
+        else:
+            times = []
+            with torch.no_grad():
+                for _ in range(repeats):
+                    t = time.perf_counter()
+                    base.pos_attn.compute(h, w)
+                    _sync(device)
+                    times.append(time.perf_counter() - t)
+                res['build_s'] = statistics.median(times)
+                res['build_macs'] = count_macs(lambda: base.pos_attn.compute(h, w))
+    return res
+
+
+def _scale_child(spec_path: str) -> int:
+    """Entry point of a ``--scale`` point's own process: read the spec, measure, write the result next to it."""
+    with open(spec_path) as f:
+        spec = json.load(f)
+    if spec['threads'] > 0:
+        torch.set_num_threads(spec['threads'])
+    logging.basicConfig(level=logging.WARNING, format='%(message)s', stream=sys.stderr)
+    out: Dict[str, Any] = {}
+    for mode in spec['modes']:
+        try:
+            out[mode] = _scale_phase(spec, mode)
+        except _NotApplicable as e:
+            out[mode] = {'na': str(e)}
+        except (RuntimeError, MemoryError, ValueError) as e:  # out of memory, a size the model refuses
+            out[mode] = {'na': f'{type(e).__name__}: {e}'.strip().splitlines()[0]}
+        gc.collect()
+        _trim_heap()  # the next mode's peak starts from what the process holds: give the first's memory back
+    with open(spec['result'], 'w') as f:
+        json.dump(out, f)
+    return 0
+
+
+def _package_root() -> str:
+    """The folder holding this package, for the point processes' import path (the same code as this process)."""
+    top = sys.modules[__package__.split('.')[0]]
+    return os.path.dirname(os.path.dirname(os.path.abspath(top.__file__)))
+
+
+def _run_point(spec: Dict[str, Any], timeout_s: float) -> Dict[str, Any]:
+    """Measure one (candidate, size) in a fresh interpreter, so that its peak memory is its own."""
+    module = __spec__.name if __name__ == '__main__' else __name__
+    env = dict(os.environ)
+    env['PYTHONPATH'] = os.pathsep.join(p for p in (_package_root(), env.get('PYTHONPATH', '')) if p)
+    if spec['threads'] > 0:
+        env['OMP_NUM_THREADS'] = str(spec['threads'])
+    with tempfile.TemporaryDirectory(prefix='pervit-scale-') as tmp:
+        spec = dict(spec, result=os.path.join(tmp, 'result.json'))
+        spec_path = os.path.join(tmp, 'spec.json')
+        with open(spec_path, 'w') as f:
+            json.dump(spec, f)
+        try:
+            proc = subprocess.run([sys.executable, '-c', _CHILD_CODE, module, spec_path], env=env,
+                                  capture_output=True, text=True, timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            reason = f'timed out after {timeout_s:.0f} s (--scale-timeout)'
+            return {m: {'na': reason} for m in spec['modes']}
+        if os.path.exists(spec['result']):
+            with open(spec['result']) as f:
+                return json.load(f)
+    if proc.returncode < 0:
+        reason = f'killed by {signal.Signals(-proc.returncode).name}'
+        if proc.returncode == -signal.SIGKILL:
+            reason += ' (out of memory?)'
+    else:
+        lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
+        reason = f'failed (exit code {proc.returncode}): {lines[-1] if lines else "no message"}'
+    _logger.debug('point %s %dpx failed:\n%s', spec['candidate'], spec['img_size'], proc.stderr)
+    return {m: {'na': reason} for m in spec['modes']}
+
+
+def _median(values: Sequence[float]) -> float:
+    return statistics.median(values) if values else float('nan')
+
+
+def run_scale(
+        model: str,
+        sizes: Sequence[int],
+        peers: Sequence[str] = (),
+        model_kwargs: str = '',
+        checkpoint: str = '',
+        official_repo: str = '',
+        device: Union[str, torch.device] = 'cpu',
+        threads: int = 0,
+        iters: int = 10,
+        warmup: int = 2,
+        train: bool = False,
+        seed: int = 0,
+        mem_limit_mb: Optional[float] = None,
+        timeout_s: float = 1800.,
+        gemm_gflops: float = float('nan'),
+) -> List[ScalePoint]:
+    """Measure PerViT, the explicit official formula, the official code and timm peers at every input size.
+
+    Every (candidate, size) runs in its own fresh process (``_scale_child``), in turn, so that its peak memory is its
+    own: batch 1 inference (first call, then the median of ``iters`` calls after ``warmup``) and, with ``train``, a
+    batch 2 training step (forward, backward, SGD step). PerViT is the model as shipped (default settings); the
+    explicit formula is ``timm_pervit.tools.reference.OfficialFormula`` on the same weights, the official code is
+    imported from ``official_repo`` (it only accepts 224px input) and peers are timm models created with
+    ``dynamic_img_size=True`` where they take it. A point the explicit formula or the official code is estimated
+    to need more than ``mem_limit_mb`` for (``official_formula_bytes``; default ``SCALE_MEMORY_SHARE`` of the memory
+    free now), that fails or that runs past ``timeout_s`` is reported n/a with the reason instead.
+
+    Args:
+        model: A PerViT model name; ``model_kwargs`` (JSON object) and ``checkpoint`` as in the benchmark CLI.
+        sizes: Square input sizes.
+        peers: timm model names.
+        gemm_gflops: The measured float32 GEMM rate (``gemm_roofline``) the position build's rate is set against.
+
+    Returns:
+        One point per size and candidate, sizes outermost, candidates in the order PerViT, reference, official,
+        peers.
+    """
+    device = torch.device(device)
+    args = argparse.Namespace(model=model, model_kwargs=model_kwargs, checkpoint=checkpoint, seed=seed)
+    base = _build_model(args, torch.device('cpu'))
+    limit = mem_limit_mb if mem_limit_mb else SCALE_MEMORY_SHARE * _available_mb(device)
+    cands = [(model, 'ours'), ('reference', 'reference')] + ([('official', 'official')] if official_repo else [])
+    cands += [(p, 'peer') for p in peers]
+    modes = ('infer', 'train') if train else ('infer',)
+    points: List[ScalePoint] = []
+    for size in sizes:
+        h, w = _token_grid(base, size)
+        row: List[ScalePoint] = []
+        logits: List[Optional[List[float]]] = []
+        for name, kind in cands:
+            p = ScalePoint(size, h * w, name, kind)
+            skipped: Dict[str, str] = {}
+            if kind in ('reference', 'official'):
+                for mode in modes:
+                    need = official_formula_bytes(base, size, SCALE_BATCH[mode], mode == 'train') / 2 ** 20
+                    if need > limit:
+                        skipped[mode] = (f'needs about {need / 1024:.1f} GiB (estimate), over the {limit / 1024:.1f} '
+                                         f'GiB bound (--scale-mem-limit)')
+            run_modes = [m for m in modes if m not in skipped]
+            spec = dict(model=model, model_kwargs=model_kwargs, checkpoint=checkpoint, seed=seed, device=str(device),
+                        threads=threads, img_size=size, candidate=name, kind=kind, iters=iters, warmup=warmup,
+                        official_repo=official_repo, modes=run_modes)
+            res = _run_point(spec, timeout_s) if run_modes else {}
+            res.update({m: {'na': r} for m, r in skipped.items()})
+            inf, tr = res['infer'], res.get('train', {})
+            p.na, p.train_na = inf.get('na', ''), tr.get('na', '')
+            if not p.na:
+                p.first_s, p.times_s, p.peak_mb, p.step_mb = inf['first_s'], inf['times_s'], inf['peak_mb'], \
+                    inf['step_mb']
+                p.steady_s = _median(p.times_s)
+                p.build_s = inf.get('build_s', float('nan'))
+                if 'build_macs' in inf:
+                    p.build_gflop = 2 * inf['build_macs'] / 1e9
+                    p.build_gflops = p.build_gflop / p.build_s
+                    p.build_gemm_pct = 100 * p.build_gflops / gemm_gflops
+            if train and not p.train_na:
+                p.train_times_s, p.train_peak_mb, p.train_step_mb = tr['times_s'], tr['peak_mb'], tr['step_mb']
+                p.train_s = _median(p.train_times_s)
+                p.train_build_s = tr.get('build_s', float('nan'))
+            logits.append(inf.get('logits'))
+            _logger.info('%dpx %s: %s', size, name, p.na or f'steady {p.steady_s:.4g} s, peak {p.peak_mb:.0f} MiB')
+            row.append(p)
+        ours = row[0]
+        for p, out in zip(row[1:], logits[1:]):
+            p.ratio = ours.steady_s / p.steady_s
+            p.train_ratio = ours.train_s / p.train_s
+            p.mem_ratio = ours.peak_mb / p.peak_mb
+            if out is not None and logits[0] is not None:
+                p.rel_err = _rel_err(torch.tensor(out), torch.tensor(logits[0]))
+                if p.rel_err > 1e-3:  # float32 reordering is far below this
+                    _logger.warning('%dpx: %s disagrees with %s (relative error %.2g) on the same weights and input',
+                                    size, p.candidate, ours.candidate, p.rel_err)
+        points += row
+    return points
+
+
+def format_scale_table(points: Sequence[ScalePoint], train: bool = False) -> str:
+    """A Markdown table of ``run_scale``'s points: one row per size and candidate, n/a cells with the reason in the
+    last column. ``PerViT/this`` is PerViT's time (or peak memory) divided by the row's."""
+    head = ['img', 'tokens', 'candidate', 'first s', 'steady s'] + (['train s'] if train else []) + ['peak MiB']
+    head += (['train peak MiB'] if train else []) + ['build s', 'build GFLOP/s', '% GEMM']
+    head += (['train build s'] if train else []) + ['PerViT/this time'] + (['PerViT/this train'] if train else [])
+    head += ['PerViT/this peak', 'note']
+
+    def cell(v: float, spec: str, na: str) -> str:
+        return 'n/a' if na else _fmt(v, spec)
+
+    rows = []
+    for p in points:
+        row = [str(p.img_size), str(p.tokens), p.candidate, cell(p.first_s, '.4g', p.na),
+               cell(p.steady_s, '.4g', p.na)]
+        row += [cell(p.train_s, '.4g', p.train_na)] if train else []
+        row += [cell(p.peak_mb, '.0f', p.na)] + ([cell(p.train_peak_mb, '.0f', p.train_na)] if train else [])
+        row += [_fmt(p.build_s, '.4g'), _fmt(p.build_gflops, '.3g'), _fmt(p.build_gemm_pct, '.3g')]
+        row += [_fmt(p.train_build_s, '.4g')] if train else []
+        row += [_fmt(p.ratio, '.3g')] + ([_fmt(p.train_ratio, '.3g')] if train else []) + [_fmt(p.mem_ratio, '.3g')]
+        notes = ([f'n/a: {p.na}'] if p.na else []) + ([f'train n/a: {p.train_na}'] if train and p.train_na else [])
+        row.append('; '.join(notes).replace('|', '/') or '-')
+        rows.append(row)
+    lines = ['| ' + ' | '.join(head) + ' |', '|' + '---|' * len(head)]
+    lines += ['| ' + ' | '.join(row) + ' |' for row in rows]
+    return '\n'.join(lines)
+
+
+def _require_matplotlib() -> None:
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError as e:
+        raise ImportError('--scale-plot needs matplotlib: pip install timm-pervit[viz]') from e
+
+
+def plot_scale(points: Sequence[ScalePoint], path: str, title: str = '') -> None:
+    """Log-log plot of ``run_scale``'s points against the number of tokens: steady time (left) and peak memory
+    (right) of every candidate; training (when measured) dashed. Needs matplotlib (``timm-pervit[viz]``)."""
+    _require_matplotlib()
+    from matplotlib.figure import Figure  # no pyplot: no global figure state, any backend
+
+    fig = Figure(figsize=(11, 4.5), layout='constrained')
+    ax_t, ax_m = fig.subplots(1, 2)
+    names = list(dict.fromkeys(p.candidate for p in points))
+    for i, name in enumerate(names):
+        color = f'C{i % 10}'
+        pts = [p for p in points if p.candidate == name]
+        for attr_t, attr_m, style, suffix in (('steady_s', 'peak_mb', 'o-', ''),
+                                              ('train_s', 'train_peak_mb', 's--', ' (train, batch 2)')):
+            xs = [(p.tokens, getattr(p, attr_t), getattr(p, attr_m)) for p in pts
+                  if not math.isnan(getattr(p, attr_t))]
+            if xs:
+                tok, t, m = zip(*xs)
+                ax_t.plot(tok, t, style, color=color, label=name + suffix)
+                ax_m.plot(tok, m, style, color=color, label=name + suffix)
+    for ax, ylabel in ((ax_t, 'seconds per step (median)'), (ax_m, 'peak memory (MiB)')):
+        ax.set_xscale('log')
+        ax.set_yscale('log')
+        ax.set_xlabel('tokens (input size / 16, squared)')
+        ax.set_ylabel(ylabel)
+        ax.grid(True, which='both', alpha=0.3)
+    ax_t.set_title('median time: inference batch 1, training step batch 2 (dashed)', fontsize='medium')
+    ax_m.set_title('peak memory of the point\'s own process', fontsize='medium')
+    ax_t.legend(fontsize='small')
+    if title:
+        fig.suptitle(title, fontsize='medium')
+    fig.savefig(path, dpi=120)
+
+
 def _build_model(args: argparse.Namespace, device: torch.device) -> PerViT:
     kwargs = json.loads(args.model_kwargs) if args.model_kwargs else {}
     if not isinstance(kwargs, dict):
@@ -726,6 +1148,21 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument('--json', default='', metavar='PATH', help='also write the results as JSON ("-": stdout only)')
     add_progress_arguments(p, 'progress bar on stderr')
     p.add_argument('--no-roofline', action='store_true', help='skip timing the GEMM roofline')
+    g = p.add_argument_group(
+        'scaling with input size', '--scale runs PerViT, the explicit formula (reference), the official code '
+        '(--official-repo) and the --peers at every size, each (candidate, size) in its own fresh process: batch 1 '
+        'inference (first call and median), with --scale-train a batch 2 training step; --batch-size, --mode, '
+        '--img-size and the candidate options do not apply')
+    g.add_argument('--scale', default='', metavar='SIZE[,SIZE...]', help='input sizes (square), e.g. 224,448,672')
+    g.add_argument('--scale-train', action='store_true', help='also time a batch 2 training step (forward, '
+                   'backward, SGD step)')
+    g.add_argument('--scale-plot', default='', metavar='PATH', help='write a log-log plot of time and peak memory '
+                   'against tokens (PNG; needs matplotlib: pip install timm-pervit[viz])')
+    g.add_argument('--scale-mem-limit', type=float, default=0., metavar='MiB',
+                   help='skip (n/a) points the explicit formula or the official code is estimated to need more '
+                        f'memory for (0: {100 * SCALE_MEMORY_SHARE:.0f}%% of the memory free at the start)')
+    g.add_argument('--scale-timeout', type=float, default=1800., metavar='S',
+                   help='seconds one (candidate, size) process may run before it is stopped (n/a)')
     p.add_argument('--gate-float32', action='store_true',
                    help='check candidates against the float32 reference instead of a float64 run of it (the float64 '
                         'run needs about twice the reference\'s step memory)')
@@ -742,6 +1179,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     device = torch.device(args.device)
     if device.type == 'cuda' and not torch.cuda.is_available():
         raise SystemExit(f'--device {args.device}: CUDA is not available on this machine; use --device cpu.')
+    if args.scale:
+        return _main_scale(args, argv, device)
     names = [n for n in args.candidates.split(',') if n.strip()]
     flags = ((args.compile, 'compile'), (args.amp, 'amp'), (args.channels_last, 'channels_last'), (args.int8, 'int8'))
     names += [n for flag, n in flags if flag]
@@ -794,6 +1233,58 @@ def main(argv: Optional[List[str]] = None) -> int:
         print(f'{meta["device_name"]}, {meta["threads"]} threads, torch {meta["torch"]}; GEMM roofline: {roof or "-"}; '
               f'ratios against {args.baseline}')
         print(format_table(results, device))
+    return 0
+
+
+def _main_scale(args: argparse.Namespace, argv: Optional[List[str]], device: torch.device) -> int:
+    """``--scale``: one table (and optionally a plot and JSON) of every candidate at every input size."""
+    try:
+        sizes = [int(s) for s in args.scale.split(',') if s.strip()]
+        if not sizes or min(sizes) < 1:
+            raise ValueError
+    except ValueError:
+        print(f'error: --scale takes positive input sizes separated by commas, e.g. 224,448, got {args.scale!r}',
+              file=sys.stderr)
+        return 2
+    peers = [n.strip() for n in args.peers.split(',') if n.strip()]
+    try:
+        parse_candidates([], peers=peers)  # names timm does not know
+        _build_model(args, torch.device('cpu'))
+        if args.official_repo:
+            load_official_code(args.official_repo)
+        if args.scale_plot:
+            _require_matplotlib()
+    except (ValueError, FileNotFoundError, ImportError) as e:
+        print(f'error: {e}', file=sys.stderr)
+        return 2
+    gemm = float('nan') if args.no_roofline else gemm_roofline(device, torch.float32)
+    points = run_scale(
+        args.model, sizes, peers, model_kwargs=args.model_kwargs, checkpoint=args.checkpoint,
+        official_repo=args.official_repo, device=device, threads=args.threads, iters=args.iters, warmup=args.warmup,
+        train=args.scale_train, seed=args.seed, mem_limit_mb=args.scale_mem_limit or None,
+        timeout_s=args.scale_timeout, gemm_gflops=gemm)
+    threads = args.threads if args.threads > 0 else torch.get_num_threads()
+    meta = dict(
+        model=args.model, model_kwargs=args.model_kwargs, device=str(device), threads=threads,
+        torch=torch.__version__, timm=timm.__version__, command='pervit-benchmark ' + ' '.join(
+            sys.argv[1:] if argv is None else argv), gemm_fp32_gflops=None if math.isnan(gemm) else gemm,
+        batch=SCALE_BATCH, iters=args.iters, warmup=args.warmup,
+        device_name=torch.cuda.get_device_name(device) if device.type == 'cuda' else _cpu_name(),
+    )
+    payload = dict(meta=meta, rows=[p.to_dict() for p in points])
+    if args.json and args.json != '-':
+        with open(args.json, 'w') as f:
+            json.dump(payload, f, indent=2)
+    heading = (f'{meta["device_name"]}, {threads} threads, torch {meta["torch"]}; fp32 GEMM: '
+               f'{_fmt(gemm, ".0f")} GFLOP/s; inference batch {SCALE_BATCH["infer"]}'
+               + (f', training batch {SCALE_BATCH["train"]}' if args.scale_train else ''))
+    if args.scale_plot:
+        plot_scale(points, args.scale_plot, title=f'{args.model}: {heading}')
+    if args.json == '-':
+        print(json.dumps(payload, indent=2))
+    else:
+        print(heading)
+        print(format_scale_table(points, train=args.scale_train))
     return 0
 
 

@@ -28,6 +28,8 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 
+from ..layers import position
+
 __all__ = [
     'token_distances', 'non_locality', 'head_order', 'load_model', 'token_grid', 'plot_position_attention',
     'plot_non_locality', 'visualize_model', 'main',
@@ -63,7 +65,7 @@ def _require_matplotlib():
 def token_distances(grid_size: GridSize, device=None, dtype=torch.float32) -> torch.Tensor:
     """Euclidean distances between all token centres of a grid, in the model's normalized coordinates.
 
-    Token centres sit on ``linspace(-1, 1, n)`` per axis (as in ``PeripheralPosition``), tokens in row-major order.
+    The model's own distances (``timm_pervit.layers.position.token_distances``), tokens in row-major order.
 
     Args:
         grid_size: Token grid (h, w), or one int for a square grid.
@@ -74,11 +76,7 @@ def token_distances(grid_size: GridSize, device=None, dtype=torch.float32) -> to
         Tensor (h*w, h*w) of query-key distances.
     """
     h, w = _grid(grid_size)
-    ys = torch.linspace(-1., 1., h, device=device, dtype=dtype)
-    xs = torch.linspace(-1., 1., w, device=device, dtype=dtype)
-    yy, xx = torch.meshgrid(ys, xs, indexing='ij')
-    pos = torch.stack([yy.reshape(-1), xx.reshape(-1)], dim=-1)
-    return torch.cdist(pos, pos)
+    return position.token_distances(h, w, device=device, dtype=dtype).view(h * w, h * w)
 
 
 def non_locality(phi: torch.Tensor, grid_size: GridSize) -> torch.Tensor:
