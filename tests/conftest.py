@@ -153,7 +153,7 @@ class PicklePayload:
         return exec, (f'open({str(self.marker)!r}, "w").write("owned")',)
 
 
-# ---- pretrained weights / loopback hub (tests/tools/test_convert.py, tests/loading/test_hub.py) --------------------------------
+# ---- pretrained weights / loopback hub (tests/tools/test_convert.py, tests/loading/test_hub.py) ---------------------
 class PervitOfficialCheckpoint:
     """A fake official pervit_tiny release: random (perturbed) weights in the official key layout, saved like the
     official training checkpoints ({'model', 'optimizer', 'epoch', 'model_ema', 'args': argparse.Namespace})."""

@@ -1,4 +1,4 @@
-"""One rank of tests/test_ddp.py::test_ddp_gradient_layout, started by ``torchrun`` (gloo on CPU).
+"""One rank of tests/integrations/test_ddp.py::test_ddp_gradient_layout, started by ``torchrun`` (gloo on CPU).
 
 A few plain DistributedDataParallel training steps of the micro PerViT (``--model-kwargs``), with and without
 gradient checkpointing, recording every Python warning they raise and the parameters whose gradient strides differ

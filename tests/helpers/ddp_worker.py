@@ -1,4 +1,4 @@
-"""One rank of the DDP test (tests/test_ddp.py), started by ``torchrun`` like timm's train.py.
+"""One rank of the DDP test (tests/integrations/test_ddp.py), started by ``torchrun`` like timm's train.py.
 
 Set-up the way train.py does it: ``timm.utils.init_distributed_device`` (gloo on CPU, from torchrun's environment),
 ``create_model``, DistributedDataParallel (``find_unused_parameters=False``), the recipe's repeated-augmentation
@@ -27,6 +27,7 @@ from timm.utils import distribute_bn, init_distributed_device
 from torch.nn.parallel import DistributedDataParallel
 
 from timm_pervit.tools.recipes import SAFE_AUGMENTATION, augmentation_problem
+
 
 def fresh_eval(model: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
     ref = copy.deepcopy(model).eval()

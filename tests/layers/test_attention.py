@@ -1,9 +1,13 @@
 """The attention kernel (timm_pervit.layers.attention): the fused CPU training path (flash kernel with a custom
-backward) against the explicit formula, and the kernel's own gradcheck."""
+backward) against the explicit formula, the kernel's own gradcheck, and the fallback where torch has no CPU
+flash kernel."""
+import copy
+
 import pytest
 import torch
 import torch.nn as nn
 
+from timm_pervit.layers import attention
 from timm_pervit.layers.attention import _HAS_CPU_FLASH
 
 from tests.conftest import make_micro
@@ -20,6 +24,7 @@ def _autograd_node_names(tensor):
         names.add(type(node).__name__)
         stack.extend(next_fn for next_fn, _ in node.next_functions)
     return names
+
 
 @pytest.mark.parametrize('dtype', [torch.float32, torch.float64])
 def test_cpu_training_attention_matches_explicit_formula(dtype):
@@ -48,6 +53,7 @@ def test_cpu_training_attention_matches_explicit_formula(dtype):
         assert p.grad is not None, name
         torch.testing.assert_close(p.grad, grads[name].grad, **tol, msg=lambda m: f'{name}: {m}')
 
+
 @pytest.mark.skipif(not _HAS_CPU_FLASH, reason=f'torch {torch.__version__} has no CPU flash-attention op with a mask')
 def test_cpu_training_attention_function_gradcheck():
     """The custom CPU attention function passes gradcheck (a packed qkv (B, N, 3, H, D), also non-contiguous, and a
@@ -60,14 +66,15 @@ def test_cpu_training_attention_function_gradcheck():
     mask = torch.randn(1, 3, 5, 5, **f64, requires_grad=True)
     assert not qkv.is_contiguous()
     assert torch.autograd.gradcheck(lambda *a: PeripheralSdpaCpu.apply(*a, 0.7), (qkv, mask))
-    # the backward works through the batch in chunks (one sample here, 3 samples in a chunk, an uneven tail)
+    # the backward works in chunks of about chunk_bytes of attention: one query row of one sample, blocks of two
+    # rows (an uneven tail), three whole samples (an uneven tail); also where only the mask needs a gradient (a
+    # frozen qkv projection)
     qkv7 = torch.randn(7, 5, 3, 3, 4, **f64, requires_grad=True)
-    for chunk_bytes in (1, 3 * 3 * 5 * 5 * 8):
+    for chunk_bytes in (1, 2 * 3 * 5 * 8, 3 * 3 * 5 * 5 * 8):
         with pytest.MonkeyPatch.context() as mp:
             mp.setattr(PeripheralSdpaCpu, 'chunk_bytes', chunk_bytes)
             assert torch.autograd.gradcheck(lambda *a: PeripheralSdpaCpu.apply(*a, 0.7), (qkv7, mask))
-    # only the mask needs a gradient (a frozen qkv projection)
-    assert torch.autograd.gradcheck(lambda m: PeripheralSdpaCpu.apply(qkv7.detach(), m, 0.7), (mask,))
+            assert torch.autograd.gradcheck(lambda m: PeripheralSdpaCpu.apply(qkv7.detach(), m, 0.7), (mask,))
 
     def sdpa(packed, m):
         q, k, v = packed.permute(2, 0, 3, 1, 4).unbind(0)
@@ -91,3 +98,20 @@ def test_cpu_training_attention_function_gradcheck():
     for t, r in zip(inputs, ref):
         assert t.grad.dtype == torch.float32
         torch.testing.assert_close(t.grad, r, rtol=0, atol=0.1)
+
+
+def test_cpu_training_attention_without_flash_kernel(monkeypatch):
+    """Where torch has no CPU flash op with a mask, training attention is SDPA under checkpointing: the explicit
+    formula's gradients, the position network's included."""
+    monkeypatch.setattr(attention, '_HAS_CPU_FLASH', False)  # as on torch 2.1 / 2.2
+    fused = make_micro(dtype=torch.float64).train()
+    explicit = copy.deepcopy(fused)
+    for blk in explicit.blocks:
+        blk.attn.fused_attn = False
+    x = torch.randn(2, 3, 48, 32, dtype=torch.float64)
+    for model in (fused, explicit):
+        nn.functional.cross_entropy(model(x), torch.tensor([0, 3])).backward()
+    grads = dict(explicit.named_parameters())
+    for name, p in fused.named_parameters():
+        torch.testing.assert_close(p.grad, grads[name].grad, rtol=1e-9, atol=1e-11, msg=name)
+    assert fused.pos_attn.blocks[0].conv2.weight.grad.abs().sum() > 0

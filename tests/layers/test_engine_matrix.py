@@ -172,7 +172,7 @@ def test_frozen_parts(part):
     assert fast.pos_attn.cache_info()['entries'] == (0 if part == 'stem' else 1)
 
 
-# ---- second order -----------------------------------------------------------------------------------------------------
+# ---- second order ----------------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize('mode', ['train', 'eval'])
 def test_double_backward_gradient_penalty(mode):
@@ -526,7 +526,7 @@ def test_the_paths_cuda_takes_forced_on_cpu(mode, monkeypatch):
     assert paths and set(paths) == {'sdpa'}
 
 
-# ---- the gates choose the fast paths where they hold -------------------------------------------------------------------
+# ---- the gates choose the fast paths where they hold -----------------------------------------------------------------
 
 def test_every_fast_path_is_taken_on_a_plain_model():
     """Each gate holds in its setting on the stock model (a gate that is never true would pass the matrix above)."""
@@ -590,7 +590,6 @@ def test_quantized_and_subclassed_modules_take_the_plain_paths():
 
 def test_readme_example_runs():
     """The README's example of this section, run as written: eval-mode gradients reach the position encoder."""
-    import pathlib
     import re
     import timm
     readme = (REPO / 'README.md').read_text(encoding='utf-8')

@@ -35,6 +35,7 @@ def test_distances_equal_linspace_coordinates():
         inner = dist[:, 0, 2:-2, 2:-2].reshape(h * w, h * w)
         assert torch.all(inner.diagonal() == 0)
 
+
 @pytest.mark.parametrize('chunk_bytes', [1, 30000, None], ids=['row', 'rows', 'default'])
 @pytest.mark.parametrize('grid', [(3, 5), (6, 4), (2, 2)])
 def test_offset_grid_build_matches_the_reference_with_gradients(grid, chunk_bytes):
@@ -42,7 +43,6 @@ def test_offset_grid_build_matches_the_reference_with_gradients(grid, chunk_byte
 
     Chunks of one row of queries, of two (an uneven last chunk for 3 rows), and the default (all rows at once here).
     """
-    from timm_pervit.tools.reference import official_position_attention
     h, w = grid
     model = perturbed_micro(dtype=torch.float64).train()
     pos = model.pos_attn
@@ -60,11 +60,11 @@ def test_offset_grid_build_matches_the_reference_with_gradients(grid, chunk_byte
     for name, p in pos.named_parameters():
         torch.testing.assert_close(grads[name], p.grad, rtol=1e-7, atol=1e-10, msg=lambda m: f'{name}: {m}')
 
+
 def test_offset_grid_build_passes_gradcheck():
     """The training build of the position attention (an autograd Function with a hand-written backward) passes
     gradcheck for every position parameter, with one query per chunk and with all queries in one chunk. (On torch 2.1
     a strided gradient handed to the GroupNorm backward kernel gave wrong gradients without any error.)"""
-    from torch.func import functional_call
     torch.manual_seed(0)
     pos = make_micro(dtype=torch.float64).pos_attn
     h, w = 3, 4
@@ -75,6 +75,7 @@ def test_offset_grid_build_passes_gradcheck():
         pos.chunk_bytes = chunk_bytes
         assert torch.autograd.gradcheck(
             lambda *a: torch.stack(functional_call(pos, dict(zip(names, a)), (h, w))), params, eps=1e-6, atol=1e-5)
+
 
 def test_training_step_same_with_and_without_the_offset_grid_path():
     """A whole training step (loss, every gradient) is the same as through the plain modules (forced by a hook)."""
@@ -97,9 +98,9 @@ def test_training_step_same_with_and_without_the_offset_grid_path():
     for name, grad in results[0][1].items():
         torch.testing.assert_close(grad, results[1][1][name], rtol=1e-7, atol=1e-12, msg=lambda m: f'{name}: {m}')
 
+
 def test_offset_grid_build_at_inference_and_in_float32():
     """Eval-mode builds (a cache miss) take the same path; float32 agrees with the float64 reference closely."""
-    from timm_pervit.tools.reference import official_position_attention
     model = perturbed_micro(dtype=torch.float64).eval()
     ref = torch.stack(official_position_attention(model, 4, 7)).log()
     with torch.no_grad():
@@ -109,6 +110,7 @@ def test_offset_grid_build_at_inference_and_in_float32():
     with torch.no_grad():
         served32 = torch.stack(model.pos_attn(4, 7))
     torch.testing.assert_close(served32.double(), ref, rtol=0, atol=1e-4)
+
 
 @pytest.mark.parametrize('size', [(224, 224), (160, 96)])
 def test_attention_rows_are_distributions_over_the_grid_and_phi_peaks_at_the_query(size):

@@ -4,6 +4,7 @@ whatever changes a value, bounded by entries and bytes with least-recently-used 
 Everything is observed through the public API: outputs, ``pos_attn.cache_info()`` (entries, bytes, bounds, grids,
 hits / misses / builds) and ``pos_attn.clear_cache()``.
 """
+import copy
 
 import pytest
 import torch
@@ -30,6 +31,7 @@ def test_cached_once_per_grid_and_reused():
     assert [g[:2] for g in info['grids']] == [(4, 6), (4, 4)]  # least recently used first
     assert torch.equal(out1, out2)
 
+
 def test_cache_matches_recompute_and_training_bypasses_it():
     model = make_micro().eval()
     x = torch.randn(2, 3, 48, 64)
@@ -51,6 +53,7 @@ def test_cache_matches_recompute_and_training_bypasses_it():
     torch.testing.assert_close(reused, fresh_eval(model, x), rtol=0, atol=0)
     assert not torch.equal(reused, cached)
 
+
 def test_inference_mode_entries_do_not_leak_into_grad_mode():
     """A cache built under torch.inference_mode() is not reused where autograd must record the forward."""
     model = make_micro().eval()
@@ -61,6 +64,7 @@ def test_inference_mode_entries_do_not_leak_into_grad_mode():
     out[0, 3].backward()
     assert x.grad is not None and x.grad.abs().sum() > 0
     torch.testing.assert_close(out.detach(), ref, rtol=0, atol=0)
+
 
 def test_inference_mode_and_no_grad_share_entries():
     model = make_micro().eval()
@@ -73,6 +77,7 @@ def test_inference_mode_and_no_grad_share_entries():
                 model(x)
     info = model.pos_attn.cache_info()
     assert info['builds'] == 3 * len(model.blocks) and (info['hits'], info['misses']) == (15, 3)
+
 
 def test_not_stale_after_optimizer_step():
     model = make_micro().eval()
@@ -89,6 +94,7 @@ def test_not_stale_after_optimizer_step():
     assert not torch.allclose(after, before)
     torch.testing.assert_close(after, fresh_eval(model, x), rtol=0, atol=0)
 
+
 def test_not_stale_after_position_only_update_in_no_grad_training_mode():
     """Eval-style forward in train mode under no_grad caches too; an in-place edit of one position param invalidates."""
     model = make_micro().train()
@@ -104,6 +110,7 @@ def test_not_stale_after_position_only_update_in_no_grad_training_mode():
     assert not torch.allclose(after, before)
     torch.testing.assert_close(after, fresh_eval(model, x), rtol=0, atol=0)
 
+
 def test_not_stale_after_load_state_dict():
     model = make_micro().eval()
     other = make_micro().eval()
@@ -112,6 +119,7 @@ def test_not_stale_after_load_state_dict():
         model(x)
         model.load_state_dict(other.state_dict())
         torch.testing.assert_close(model(x), other(x), rtol=0, atol=0)
+
 
 def test_not_stale_after_dtype_and_device_moves():
     model = make_micro().eval()
@@ -127,6 +135,7 @@ def test_not_stale_after_dtype_and_device_moves():
         assert model(x.to('meta')).device.type == 'meta'
     torch.testing.assert_close(out64.float(), ref32, rtol=0, atol=1e-5)
     torch.testing.assert_close(out32, ref32, rtol=0, atol=1e-6)
+
 
 def test_not_stale_in_deep_copies_and_with_autocast():
     """EMA copies own separate parameters; an autocast forward does not reuse a float32 entry or vice versa."""
@@ -144,6 +153,7 @@ def test_not_stale_in_deep_copies_and_with_autocast():
         assert {g[3] for g in model.pos_attn.cache_info()['grids']} == {None, torch.bfloat16}
         torch.testing.assert_close(model(x), fresh_eval(model, x), rtol=0, atol=0)
     assert amp.dtype == torch.bfloat16
+
 
 def test_not_stale_after_ema_update_through_data():
     """A DINO/MoCo-style EMA teacher update edits ``.data`` in place, which bumps no version counter."""
@@ -166,6 +176,7 @@ def test_not_stale_after_ema_update_through_data():
     with torch.no_grad():
         torch.testing.assert_close(out, teacher(x), rtol=0, atol=0)
 
+
 def test_not_stale_after_loader_copying_into_data():
     model, other = make_micro().eval(), make_micro(drop_rate=0.).eval()
     with torch.no_grad():
@@ -182,6 +193,7 @@ def test_not_stale_after_loader_copying_into_data():
     with torch.no_grad():
         torch.testing.assert_close(model(x), other(x), rtol=0, atol=0)
 
+
 def test_not_stale_after_apply_normal_and_data_assignment():
     model = make_micro().eval()
     with torch.no_grad():
@@ -191,6 +203,7 @@ def test_not_stale_after_apply_normal_and_data_assignment():
     conv = model.pos_attn.blocks[3].conv2
     conv.bias.data = torch.randn_like(conv.bias)  # a new tensor under the same Parameter
     torch.testing.assert_close(served_phi(model, 4, 4), fresh_phi(model, 4, 4), rtol=0, atol=0)
+
 
 class _Scale(nn.Module):
     """A parametrization whose state lives in a buffer and in a plain attribute."""
@@ -202,6 +215,7 @@ class _Scale(nn.Module):
 
     def forward(self, w):
         return w * self.scale ** self.power
+
 
 def test_not_stale_with_parametrization_state_in_buffer_or_attribute():
     model = make_micro().eval()
@@ -219,6 +233,7 @@ def test_not_stale_with_parametrization_state_in_buffer_or_attribute():
     param.power = 3.0  # a plain Python attribute
     torch.testing.assert_close(served_phi(model, 4, 5), fresh_phi(model, 4, 5), rtol=0, atol=0)
     assert not torch.equal(served_phi(model, 4, 5), changed)
+
 
 def test_cache_bound_is_enforced_least_recently_used_first_and_never_saved(tmp_path):
     """``pos_cache_size=2``: after four grids the cache holds the two most recently used (``grids`` lists them least
@@ -263,6 +278,7 @@ def test_cache_bound_is_enforced_least_recently_used_first_and_never_saved(tmp_p
         for g, x in inputs.items():
             torch.testing.assert_close(other(x), outs[g], rtol=0, atol=0)
 
+
 def test_cache_evicts_least_recently_used():
     model = make_micro(pos_cache_size=2).eval()
     a, b, c = torch.randn(1, 3, 32, 32), torch.randn(1, 3, 48, 48), torch.randn(1, 3, 64, 64)
@@ -271,6 +287,7 @@ def test_cache_evicts_least_recently_used():
             model(x)
     info = model.pos_attn.cache_info()
     assert info['builds'] == 3 * len(model.blocks) and [g[:2] for g in info['grids']] == [(4, 4), (2, 2)]
+
 
 def test_cache_is_bounded_by_bytes():
     one = sum(t.numel() * t.element_size() for t in make_micro().pos_attn.compute(4, 4))
@@ -289,6 +306,7 @@ def test_cache_is_bounded_by_bytes():
     info = big.pos_attn.cache_info()
     assert info['entries'] == 0 and info['builds'] == 2 * len(big.blocks) and info['misses'] == 2
 
+
 @pytest.mark.parametrize('kwargs', [dict(pos_cache_size=0), dict(pos_cache_bytes=0)])
 def test_cache_size_zero_disables_it(kwargs):
     model = make_micro(**kwargs).eval()
@@ -298,6 +316,7 @@ def test_cache_size_zero_disables_it(kwargs):
     info = model.pos_attn.cache_info()
     assert info['entries'] == 0 and info['builds'] == 3 * len(model.blocks)
     torch.testing.assert_close(out[0], out[2], rtol=0, atol=0)
+
 
 def test_grid_larger_than_the_cache_is_built_block_by_block_and_said_once(caplog):
     """A grid whose position attention does not fit ``pos_cache_bytes`` is built one block at a time as the blocks
@@ -321,6 +340,7 @@ def test_grid_larger_than_the_cache_is_built_block_by_block_and_said_once(caplog
         ref = roomy(x)
     for out in outs:
         torch.testing.assert_close(out, ref, rtol=0, atol=0)
+
 
 @pytest.mark.parametrize('mode', ['eval', 'train'])
 def test_an_input_beyond_the_block_bound_is_refused_before_allocating(mode):

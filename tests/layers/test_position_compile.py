@@ -42,6 +42,7 @@ def test_compiled_model_reuses_the_position_cache():
     with torch.no_grad():
         torch.testing.assert_close(out, model(x), rtol=0, atol=0)
 
+
 @pytest.mark.slow
 def test_fullgraph_compile_matches_eager():
     """The one fullgraph=True test. No graph break is possible there, so the graph recomputes the position attention:

@@ -18,6 +18,7 @@ def _reference_log_phi(model, h, w):
     with torch.no_grad():
         return torch.stack(official_position_attention(model, h, w)).log()
 
+
 def test_conv1_pruned_to_zero_changes_the_position_attention():
     model = make_micro(dtype=torch.float64).eval()
     blk = model.pos_attn.blocks[4]
@@ -31,6 +32,7 @@ def test_conv1_pruned_to_zero_changes_the_position_attention():
     torch.testing.assert_close(after, _reference_log_phi(model, 4, 6), rtol=0, atol=1e-10)
     prune.remove(blk.conv1, 'weight')
     torch.testing.assert_close(served_phi(model, 4, 6), after, rtol=0, atol=1e-10)  # folded again: rounding
+
 
 def test_global_pruning_of_every_conv_trains_for_two_steps():
     model = make_micro().train()
@@ -47,6 +49,7 @@ def test_global_pruning_of_every_conv_trains_for_two_steps():
     mask = model.pos_attn.blocks[0].conv1.weight_mask
     assert torch.all(orig.grad[mask == 0] == 0)  # pruned weights get no gradient
 
+
 def test_forward_hooks_on_position_modules_are_honoured():
     model = make_micro(dtype=torch.float64).eval()
     pos = model.pos_attn
@@ -59,6 +62,7 @@ def test_forward_hooks_on_position_modules_are_honoured():
     assert len(calls) == 2  # the hook ran in the model's build and in the reference
     served_phi(model, 5, 4)
     assert len(calls) == 3  # a module with an arbitrary hook is rebuilt on every call: the hook sees each one
+
 
 @pytest.mark.parametrize('kind', ['hook', 'parametrization'])
 def test_weight_norm_on_position_modules(kind):
@@ -86,6 +90,7 @@ def test_weight_norm_on_position_modules(kind):
         opt.step()
         g = modules[0].weight_g if kind == 'hook' else modules[0].parametrizations.weight.original0
         assert g.grad is not None and g.grad.abs().sum() > 0
+
 
 def test_global_hooks_see_the_position_modules_and_flop_counting_sees_the_trained_path(monkeypatch):
     """A hook registered for all modules sees every position conv run; torch's FlopCounterMode (whose module tracker

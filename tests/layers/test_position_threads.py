@@ -40,6 +40,7 @@ def test_concurrent_inference_from_many_threads():
     assert errors == [] and mismatches == [], (errors[:3], len(errors), len(mismatches))
     assert model.pos_attn.cache_info()['entries'] <= 2
 
+
 def test_cache_bookkeeping_is_atomic_under_adversarial_scheduling():
     """Eight threads insert and evict (five grids through two entries), read ``cache_info()`` (which walks the
     cache) and clear the cache, with a thread switch forced every microsecond: no error, every result exact, and the
@@ -79,6 +80,7 @@ def test_cache_bookkeeping_is_atomic_under_adversarial_scheduling():
         sys.setswitchinterval(old_interval)
     assert errors == [] and mismatches == [] and broken == [], (errors[:3], len(mismatches), broken[:2])
 
+
 def test_a_forked_child_does_not_inherit_a_held_cache_lock():
     """A fork while another thread holds the cache lock (a background inference thread plus DataLoader fork
     workers): the child gets a lock and a cache of its own and runs."""
@@ -113,6 +115,7 @@ def test_a_forked_child_does_not_inherit_a_held_cache_lock():
     assert not alive, 'the forked child blocked on the cache lock'
     assert child.exitcode == 0
     torch.testing.assert_close(torch.tensor(queue.get(timeout=10)), ref, rtol=0, atol=0)
+
 
 def _child_inference(model, x, queue):
     torch.set_num_threads(1)  # as DataLoader workers do: torch's thread pool does not survive a fork

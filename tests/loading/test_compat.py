@@ -16,7 +16,6 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from timm_pervit import _compat
-from timm_pervit.layers import attention as _attention
 
 from tests.conftest import MICRO_KWARGS
 from tests.conftest import PicklePayload
@@ -161,25 +160,6 @@ def test_local_dir_support_flag():
     assert ("'local-dir:pervit_tiny.in1k'" in _how_to_convert('pervit_tiny')) == _compat.HAS_LOCAL_DIR
 
 
-# ---- CPU attention without the flash kernel (torch 2.1 / 2.2) ------------------------------------------------------
-
-def test_cpu_training_attention_without_flash_kernel(monkeypatch):
-    """Where torch has no CPU flash op with a mask, training attention is SDPA under checkpointing: the explicit
-    formula's gradients, the position network's included."""
-    monkeypatch.setattr(_attention, '_HAS_CPU_FLASH', False)
-    fused = make_micro(dtype=torch.float64).train()
-    explicit = copy.deepcopy(fused)
-    for blk in explicit.blocks:
-        blk.attn.fused_attn = False
-    x = torch.randn(2, 3, 48, 32, dtype=torch.float64)
-    for model in (fused, explicit):
-        F.cross_entropy(model(x), torch.tensor([0, 3])).backward()
-    grads = dict(explicit.named_parameters())
-    for name, p in fused.named_parameters():
-        torch.testing.assert_close(p.grad, grads[name].grad, rtol=1e-9, atol=1e-11, msg=name)
-    assert fused.pos_attn.blocks[0].conv2.weight.grad.abs().sum() > 0
-
-
 # ---- safe checkpoint loading ----------------------------------------------------------------------------------------
 
 def _official_like(path):
@@ -243,7 +223,6 @@ def test_hub_fixture_patches_only_existing_constants(pervit_hf_env):
         if hasattr(file_download, name):
             assert getattr(file_download, name) == getattr(constants, name), name
     assert file_download.hf_hub_url('a/b', 'c.txt').startswith('http://127.0.0.1:9/a/b/resolve/')
-
 
 
 # ---- found by timm's own tests/test_models.py (.ci/timm_suite) ------------------------------------------------------

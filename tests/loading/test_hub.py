@@ -1,8 +1,8 @@
 """Pretrained weights through timm's real loading path: configs, download from a loopback hub, cache, offline,
 hub-id / local-dir / file sources, adaptation (num_classes, in_chans, features_only) and clear failures.
 
-The hub is tests/helpers/hub_server.py (a real HTTP server on 127.0.0.1) serving a folder written by the converter from a
-fake official pervit_tiny checkpoint (conftest.py: pervit_tiny_official, pervit_hub_root).
+The hub is tests/helpers/hub_server.py (a real HTTP server on 127.0.0.1) serving a folder written by the converter
+from a fake official pervit_tiny checkpoint (conftest.py: pervit_tiny_official, pervit_hub_root).
 """
 import json
 import os

@@ -355,7 +355,8 @@ def test_fresh_install_ships_the_hook(tmp_path, mode):
         wheel = next(dist.glob('timm_pervit-*.whl'))
         names = zipfile.ZipFile(wheel).namelist()
         assert _autoload.PTH_NAME in names and f'{_autoload.HOOK_MODULE}.py' in names  # at the wheel's root
-        assert all(f'timm_pervit/tools/recipes/{v}.yaml' in names for v in ('pervit_tiny', 'pervit_small', 'pervit_medium'))
+        variants = ('pervit_tiny', 'pervit_small', 'pervit_medium')
+        assert all(f'timm_pervit/tools/recipes/{v}.yaml' in names for v in variants)
         subprocess.run(pip + [str(wheel)], check=True, capture_output=True)
     else:
         subprocess.run(pip + ['-e', str(project)], check=True, capture_output=True)

@@ -22,6 +22,7 @@ def _aten_ops(fn):
         fn()
     return seen
 
+
 def test_stem_batchnorm_folded_into_the_conv_in_eval_mode():
     """In eval mode each stem layer runs conv(x; W * s, (b - mean) * s + beta) with s = gamma / sqrt(var + eps): no
     BatchNorm pass, the same outputs and gradients (eval with gradients: frozen-BN fine-tuning, saliency) as conv -> BN.
@@ -70,11 +71,11 @@ def test_stem_batchnorm_folded_into_the_conv_in_eval_mode():
         model.stem[0].bn.running_mean = model.stem[0].bn.running_var = None
         assert any('batch_norm' in op for op in _aten_ops(lambda: model.forward_features(image)))
 
+
 def test_inference_mlp_runs_in_place():
     """At inference without autograd each block runs GELU in place over fc1's output and adds the residual into fc2's
     output: bit for bit what the modules called one by one compute. With autograd on, an active dropout, or a hook on
     a part that could keep a reference to those tensors, the modules run as they are."""
-    from timm_pervit.pervit import PerViTBlock
     model = make_micro().eval()
     x = torch.randn(2, 3, 64, 96)
 

@@ -23,6 +23,7 @@ def test_in_chans_and_input_errors():
     with pytest.raises(ValueError, match='4-D image batch'):
         model(torch.randn(1, 64, 64))
 
+
 @pytest.mark.parametrize('size', [(32, 32), (33, 47), (64, 160), (224, 96)])
 def test_any_input_size_gives_the_official_formula_on_its_token_grid(size):
     """Any size of at least 32 px: a ceil(size / 16) token grid, and the logits the official explicit formula gives
@@ -37,11 +38,13 @@ def test_any_input_size_gives_the_official_formula_on_its_token_grid(size):
     torch.testing.assert_close(out, ref, rtol=0, atol=1e-10 * ref.abs().max().item())
     torch.testing.assert_close(model(x), out, rtol=0, atol=0)
 
+
 def test_integer_images_name_the_conversion():
     model = make_micro().eval()
     x = torch.randint(0, 255, (1, 3, 64, 64), dtype=torch.uint8)
     with pytest.raises(TypeError, match=r'torch\.uint8.*x\.float\(\) / 255.*normalize'):
         model(x)
+
 
 def test_dtype_mismatch_names_the_cast_but_autocast_and_half_models_work():
     model = make_micro().eval()
@@ -58,12 +61,14 @@ def test_dtype_mismatch_names_the_cast_but_autocast_and_half_models_work():
         if cpu_half_conv():  # torch 2.1 has no float16 convolution on the CPU
             assert model.half()(x.half()).dtype == torch.float16  # a .half() model with float16 input: fine
 
+
 def test_numpy_and_empty_inputs_name_the_problem():
     model = make_micro().eval()
     with pytest.raises(TypeError, match=r'numpy.*torch\.from_numpy'):
         model(np.zeros((1, 3, 64, 64), dtype=np.float32))
     with pytest.raises(ValueError, match=r'empty.*0 channels'):
         model(torch.randn(1, 0, 64, 64))
+
 
 @pytest.mark.parametrize('how', ['context', 'kwarg'])
 def test_meta_device_construction_then_load(how):

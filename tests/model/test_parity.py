@@ -87,7 +87,6 @@ def test_checkpoint_filter_is_noop_on_own_keys_and_unwraps_training_checkpoints(
 
 def test_checkpoint_filter_rejects_other_variant_with_a_clear_message():
     import timm
-    import timm_pervit  # noqa: F401
     small = timm.create_model('pervit_small', num_classes=0)
     tiny = timm.create_model('pervit_tiny')
     expected = r'looks like a pervit_small checkpoint.*Mismatch: stem\.0\.bn\.weight: checkpoint \(64,\) vs model'

@@ -26,6 +26,7 @@ def test_forward_intermediates():
         early = model.forward_intermediates(x, indices=[3], stop_early=True, intermediates_only=True)
         torch.testing.assert_close(early[0], inter[3])
 
+
 def test_prune_intermediate_layers():
     model = make_micro().eval()
     x = torch.randn(1, 3, 64, 64)
@@ -41,6 +42,7 @@ def test_prune_intermediate_layers():
     for a, b in zip(out, ref):
         torch.testing.assert_close(a, b)
     assert pooled.dim() == 4  # head pruned with pooling disabled: the spatial map
+
 
 @pytest.mark.parametrize('train', [False, True], ids=['eval', 'train'])
 def test_fx_feature_extraction(train):
@@ -74,6 +76,7 @@ def test_fx_feature_extraction(train):
         out.mean().backward()
         assert all(p.grad is not None for p in fx_model.parameters())
 
+
 def test_head_api_and_pooling():
     model = make_micro().eval()
     assert model.get_classifier() is model.head and model.head.out_features == 10
@@ -86,6 +89,7 @@ def test_head_api_and_pooling():
     headless = timm.create_model('pervit_tiny', num_classes=0)
     assert isinstance(headless.head, nn.Identity) and headless(torch.randn(1, 3, 64, 64)).shape == (1, 280)
 
+
 def test_drop_rates_and_drop_path_schedule():
     model = make_micro(drop_rate=0.3, proj_drop_rate=0.1, drop_path_rate=0.2)
     rates = [getattr(b.drop_path1, 'drop_prob', 0.) for b in model.blocks]
@@ -97,6 +101,7 @@ def test_drop_rates_and_drop_path_schedule():
     model.eval()
     with torch.no_grad():
         assert torch.equal(model(x), model(x))
+
 
 def test_grad_checkpointing_identical():
     model = make_micro(dtype=torch.float64).train()
@@ -112,6 +117,7 @@ def test_grad_checkpointing_identical():
     for n, p in model.named_parameters():
         torch.testing.assert_close(p.grad, grads[n], rtol=0, atol=1e-12)
 
+
 def test_device_dtype_factory_kwargs():
     model = timm.create_model('pervit_tiny', device='meta', dtype=torch.bfloat16)
     tensors = list(model.parameters()) + list(model.buffers())
@@ -121,12 +127,14 @@ def test_device_dtype_factory_kwargs():
     assert all(p.dtype == torch.float64 for p in model.parameters())
     assert model(torch.randn(1, 3, 32, 32, dtype=torch.float64)).dtype == torch.float64
 
+
 def _cpu_autocast_supports(dtype):
     try:
         with torch.autocast('cpu', dtype=dtype):
             return True
     except RuntimeError:  # torch 2.1: CPU autocast is bfloat16 only
         return False
+
 
 @pytest.mark.parametrize('dtype', [torch.bfloat16, pytest.param(torch.float16, marks=pytest.mark.skipif(
     not _cpu_autocast_supports(torch.float16), reason=f'torch {torch.__version__} has no float16 CPU autocast'))])

@@ -26,6 +26,7 @@ def test_registered_with_timm():
     for name in VARIANTS:
         assert timm.is_model(name)
 
+
 @pytest.mark.parametrize('name', VARIANTS)
 def test_variant_param_count_and_gmacs(name):
     model = timm.create_model(name).eval()
@@ -35,6 +36,7 @@ def test_variant_param_count_and_gmacs(name):
     with torch.device('meta'):
         shapes_only = timm.create_model(name)
     assert round(count_gmacs(shapes_only, (3, 224, 224)), 3) == GMACS[name]
+
 
 @pytest.mark.parametrize('name', VARIANTS)
 def test_pretrained_cfg(name):
@@ -46,6 +48,7 @@ def test_pretrained_cfg(name):
     assert cfg['pool_size'] == (14, 14)
     assert cfg['first_conv'] == 'stem.0.conv' and cfg['classifier'] == 'head'
     assert cfg['tag'] == 'in1k' and cfg['hf_hub_id'] == f'{timm_pervit.HF_HUB_NAMESPACE}/{name}.in1k'
+
 
 @pytest.mark.parametrize('name', VARIANTS)
 def test_variant_logits_equal_the_official_formula(name):
@@ -61,6 +64,7 @@ def test_variant_logits_equal_the_official_formula(name):
     err = (out - ref).abs().max() / ref.abs().max()
     assert err < 1e-4, f'relative error {err:.3g}'
     assert not torch.allclose(out[0], out[1])  # the two images are told apart
+
 
 @pytest.mark.parametrize('name', VARIANTS)
 def test_model_backward(name):
@@ -81,28 +85,27 @@ def test_model_backward(name):
     assert max(noise.values()) < 1e-5 * largest, noise
     assert out.shape[-1] == 42
 
-@pytest.mark.parametrize('name', VARIANTS)
-def test_model_features_only(name):
-    model = timm.create_model(name, features_only=True).eval()
-    channels = model.feature_info.channels()
-    reductions = model.feature_info.reduction()
-    arch = timm_pervit.PERVIT_VARIANTS[name]['embed_dims']
-    assert channels == [arch[1], arch[2], arch[3], arch[3]]  # block outputs at the stage ends (1, 3, 9, 11)
-    assert reductions == [16] * 4
-    with torch.no_grad():
-        outs = model(torch.randn(2, 3, 96, 96))
-    assert len(outs) == 4
-    for c, r, o in zip(channels, reductions, outs):
-        assert o.shape == (2, c, math.ceil(96 / r), math.ceil(96 / r)) and not torch.isnan(o).any()
 
-def test_features_only_out_indices_and_values_match_forward_intermediates():
-    model = timm.create_model('pervit_tiny').eval()
-    feat = timm.create_model('pervit_tiny', features_only=True, out_indices=(0, 5, 11)).eval()
-    feat.model.load_state_dict(model.state_dict(), strict=False)  # the getter wraps the pruned model
+@pytest.mark.parametrize('name', VARIANTS)
+def test_features_only_default_stages_and_chosen_blocks_equal_forward_intermediates(name):
+    """features_only: by default the block outputs at the stage ends (1, 3, 9, 11) at stride 16, and with out_indices
+    the chosen blocks; both hold the values forward_intermediates gives on the same weights (not only the shapes)."""
+    model = timm.create_model(name).eval()
+    arch = timm_pervit.PERVIT_VARIANTS[name]['embed_dims']
     x = torch.randn(1, 3, 64, 80)
-    with torch.no_grad():
-        outs = feat(x)
-        ref = model.forward_intermediates(x, indices=[0, 5, 11], intermediates_only=True)
-    assert [o.shape[1] for o in outs] == [128, 224, 280]
-    for o, r in zip(outs, ref):
-        torch.testing.assert_close(o, r)
+    cases = [(None, [1, 3, 9, 11], [arch[1], arch[2], arch[3], arch[3]]),
+             ((0, 5, 11), [0, 5, 11], [arch[0], arch[2], arch[3]])]
+    for out_indices, blocks, channels in cases:
+        kwargs = {} if out_indices is None else dict(out_indices=out_indices)
+        feat = timm.create_model(name, features_only=True, **kwargs).eval()
+        assert feat.feature_info.reduction() == [16] * len(blocks)
+        assert feat.feature_info.channels() == channels
+        feat.model.load_state_dict(model.state_dict(), strict=False)  # the getter wraps the pruned model
+        with torch.no_grad():
+            outs = feat(x)
+            ref = model.forward_intermediates(x, indices=blocks, intermediates_only=True)
+        assert len(outs) == len(blocks)
+        assert [o.shape[1] for o in outs] == feat.feature_info.channels()
+        for o, r in zip(outs, ref):
+            assert o.shape[-2:] == (4, 5)
+            torch.testing.assert_close(o, r, rtol=0, atol=0)

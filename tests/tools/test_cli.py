@@ -46,8 +46,8 @@ def test_subcommand_help(command):
 
 # --- start-up cost: what gets imported ------------------------------------------------------------------------------
 #: Modules that registering the models does not need: `import timm_pervit` runs in every process importing timm.
-_NOT_AT_IMPORT = ('timm_pervit.hub', 'timm_pervit.tools.model_card', 'timm_pervit.tools.benchmark', 'timm_pervit.tools.demo',
-                  'huggingface_hub.repocard')
+_NOT_AT_IMPORT = ('timm_pervit.hub', 'timm_pervit.tools.model_card', 'timm_pervit.tools.benchmark',
+                  'timm_pervit.tools.demo', 'huggingface_hub.repocard')
 
 _IMPORT_CHILD = f'''
 import json, sys

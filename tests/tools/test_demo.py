@@ -19,7 +19,6 @@ from tests.conftest import is_png
 from tests.conftest import make_micro
 
 
-
 @pytest.fixture(scope='module')
 def demo_run(tmp_path_factory):
     out = tmp_path_factory.mktemp('demo')

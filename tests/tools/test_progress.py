@@ -1,7 +1,8 @@
-"""The shared progress helper (timm_pervit.tools.progress): a bar on a terminal, plain periodic lines elsewhere, or none.
+"""The shared progress helper (timm_pervit.tools.progress): a bar on a terminal, plain periodic lines elsewhere, or
+none.
 
-The command lines that use it (demo, benchmark) are run into log files in tests/test_demo.py and
-tests/test_benchmark.py."""
+The command lines that use it (demo, benchmark) are run into log files in tests/tools/test_demo.py and
+tests/tools/test_benchmark.py."""
 import argparse
 import io
 import sys

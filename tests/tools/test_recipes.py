@@ -130,8 +130,8 @@ def test_recipe_values_work_with_timm():
 
 
 def test_recipe_files_are_package_data():
-    """Each variant's recipe is a file of the ``timm_pervit.tools.recipes`` package matched by pyproject.toml's package-data
-    patterns (so wheels ship it), and the package holds no other recipe."""
+    """Each variant's recipe is a file of the ``timm_pervit.tools.recipes`` package matched by pyproject.toml's
+    package-data patterns (so wheels ship it), and the package holds no other recipe."""
     from setuptools.config.pyprojecttoml import load_file
 
     import timm_pervit.tools.recipes

@@ -1,4 +1,5 @@
-"""Non-locality, head sorting and the position-attention plots of ``timm_pervit.tools.visualize`` (micro models, CPU)."""
+"""Non-locality, head sorting and the position-attention plots of ``timm_pervit.tools.visualize`` (micro models,
+CPU)."""
 import math
 import subprocess
 import sys

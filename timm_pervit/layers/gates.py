@@ -31,7 +31,7 @@ in-place inference MLP   ``use_inplace_mlp``          the MLP module and the res
 CPU attention kernel     ``attention_path``           ``F.scaled_dot_product_attention``
 =======================  ===========================  ==========================================================
 
-A new fast path gets a predicate here and a case in the differential test matrix (tests/test_engine_matrix.py).
+A new fast path gets a predicate here and a case in the differential test matrix (tests/layers/test_engine_matrix.py).
 """
 from typing import Any, Iterable
 
