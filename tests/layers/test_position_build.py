@@ -63,18 +63,22 @@ def test_offset_grid_build_matches_the_reference_with_gradients(grid, chunk_byte
 
 def test_offset_grid_build_passes_gradcheck():
     """The training build of the position attention (an autograd Function with a hand-written backward) passes
-    gradcheck for every position parameter, with one query per chunk and with all queries in one chunk. (On torch 2.1
-    a strided gradient handed to the GroupNorm backward kernel gave wrong gradients without any error.)"""
+    gradcheck for every parameter it uses (the shared distance projection and two blocks' conv networks), with one
+    query per chunk, three queries per chunk (rows of four: an uneven tail) and all queries in one chunk. (On torch
+    2.1 a strided gradient handed to the GroupNorm backward kernel gave wrong gradients without any error.)"""
     torch.manual_seed(0)
     pos = make_micro(dtype=torch.float64).pos_attn
     h, w = 3, 4
-    names = [k for k, _ in pos.named_parameters()]
-    params = [(p.detach() + 0.1 * torch.randn_like(p)).requires_grad_() for _, p in pos.named_parameters()]
-    assert gates.use_offset_build(pos, len(pos.blocks))
-    for chunk_bytes in (1, 1 << 22):
+    used = {k: p for k, p in pos.named_parameters() if k.startswith(('dist_proj.', 'blocks.0.', 'blocks.1.'))}
+    names = list(used)
+    params = [(p.detach() + 0.1 * torch.randn_like(p)).requires_grad_() for p in used.values()]
+    assert gates.use_offset_build(pos, 2)
+    # one window of conv2 input: 4H channels x (h+2)(w+2) positions
+    window = 4 * pos.num_heads * (h + 2) * (w + 2) * 8
+    for chunk_bytes in (1, 3 * window, 1 << 22):
         pos.chunk_bytes = chunk_bytes
         assert torch.autograd.gradcheck(
-            lambda *a: torch.stack(functional_call(pos, dict(zip(names, a)), (h, w))), params, eps=1e-6, atol=1e-5)
+            lambda *a: torch.stack(functional_call(pos, dict(zip(names, a)), (h, w, 2))), params, eps=1e-6, atol=1e-5)
 
 
 def test_training_step_same_with_and_without_the_offset_grid_path():

@@ -12,7 +12,7 @@ import timm
 
 from timm_pervit.tools import benchmark
 
-from .conftest import MICRO_KWARGS as MICRO
+from tests.conftest import MICRO_KWARGS as MICRO
 
 MICRO_JSON = json.dumps(MICRO)
 PNG_SIGNATURE = b'\x89PNG\r\n\x1a\n'

@@ -45,3 +45,25 @@ def test_gmacs_count_the_attention_matmuls():
     dispatched = kernel is not None and kernel in ours.get_flop_counts()['Global']
     missed = attn_macs if dispatched and kernel not in getattr(flop_counter, 'flop_registry', {}) else 0.
     assert per_image_gmacs(plain.get_total_flops()) == pytest.approx(fused - missed, rel=1e-9)
+
+
+def test_the_position_build_is_counted_with_every_gemm():
+    """The offset-grid build runs conv2 as one GEMM and eight in-place accumulating ones per chunk, and its backward
+    two more (weight and input gradients): flop_counter_mode counts them all, so what the benchmark reports as the
+    build's FLOPs is at least conv2's work on the valid outputs, 2 x 9 x 4H x H x N x N per block, and three times
+    that with the backward. (A plain FlopCounterMode has no formula for the in-place ``addmm_``.)"""
+    from timm_pervit.layers import gates
+    pos = make_micro().pos_attn
+    h, w = 4, 5
+    n, heads = h * w, pos.num_heads
+    assert gates.use_offset_build(pos, len(pos.blocks))
+    conv2 = len(pos.blocks) * 2 * 9 * 4 * heads * heads * n * n
+    with torch.no_grad(), flop_counter_mode() as forward:
+        pos.compute(h, w)
+    assert forward.get_total_flops() >= conv2
+    with FlopCounterMode(display=False) as plain, torch.no_grad():
+        pos.compute(h, w)
+    assert plain.get_total_flops() < forward.get_total_flops()
+    with flop_counter_mode() as training:
+        torch.stack(pos.compute(h, w)).sum().backward()
+    assert training.get_total_flops() >= 3 * conv2

@@ -2,7 +2,8 @@
 
 ``FlopCounterMode`` has formulas for the CUDA attention kernels but not for the CPU flash kernel that
 ``F.scaled_dot_product_attention`` dispatches to on CPU, so the attention matmuls would silently go uncounted there.
-``count_gmacs`` maps that kernel (forward and backward) to torch's own SDPA formulas, locally to one counting run.
+``count_gmacs`` maps that kernel (forward and backward) to torch's own SDPA formulas, locally to one counting run, and
+counts the in-place GEMMs (``addmm_``, ``baddbmm_``) that FlopCounterMode has no formula for.
 """
 from typing import Dict, List, Tuple
 
@@ -29,10 +30,25 @@ def _sdpa_cpu_formulas() -> Dict:
     return mapping
 
 
+def _inplace_matmul_formulas() -> Dict:
+    """``addmm_`` and ``baddbmm_``: FlopCounterMode has formulas for the out-of-place ops only (``mm`` with ``out=``
+    is counted), and the position build and the CPU attention backward accumulate GEMMs in place."""
+    def _addmm(self_shape, a_shape, b_shape, *args, out_shape=None, **kwargs) -> int:
+        return 2 * a_shape[0] * a_shape[1] * b_shape[1]
+
+    def _baddbmm(self_shape, a_shape, b_shape, *args, out_shape=None, **kwargs) -> int:
+        return 2 * a_shape[0] * a_shape[1] * a_shape[2] * b_shape[2]
+
+    aten = torch.ops.aten
+    return {aten.addmm_: _addmm, aten.baddbmm_: _baddbmm}
+
+
 def flop_counter_mode(**kwargs) -> flop_counter.FlopCounterMode:
-    """A ``FlopCounterMode`` that also counts the CPU flash-attention kernel (kwargs go to FlopCounterMode)."""
+    """A ``FlopCounterMode`` that also counts the CPU flash-attention kernel and in-place GEMMs (kwargs go to
+    FlopCounterMode)."""
     kwargs.setdefault('display', False)
     custom = dict(_sdpa_cpu_formulas())
+    custom.update(_inplace_matmul_formulas())
     custom.update(kwargs.pop('custom_mapping', None) or {})
     return flop_counter.FlopCounterMode(custom_mapping=custom, **kwargs)
 
