@@ -25,9 +25,10 @@ class PeripheralSdpaCpu(torch.autograd.Function):
 
     Takes the attention's packed projection ``qkv`` (B, N, 3, H, D), as the qkv Linear returns it. The forward is the
     CPU flash kernel, which also returns the row log-sum-exp; the backward rebuilds the attention from it in one
-    pass, a few samples at a time (so its B x H x N x N intermediates stay cache-sized), and writes the gradients of
-    q, k and v straight into one packed gradient, the qkv Linear's output gradient (unpacking q, k, v with autograd
-    would stack and permute three gradients back into that layout), and returns the mask's (summed over the batch).
+    pass, a few samples or a block of query rows at a time (so its intermediates stay cache-sized at any input size),
+    and writes the gradients of q, k and v straight into one packed gradient, the qkv Linear's output gradient
+    (unpacking q, k, v with autograd would stack and permute three gradients back into that layout), and returns the
+    mask's (summed over the batch).
     Without it, SDPA would fall to its math kernel whenever the mask needs a gradient and keep every block's attention
     for backward.
     """
@@ -62,33 +63,48 @@ class PeripheralSdpaCpu(torch.autograd.Function):
             delta = (grad_out.to(ct) * out.to(ct)).sum(dim=-1, keepdim=True)  # rowsum(dO * O)
             grad_qkv = torch.empty(qkv.shape, dtype=qkv.dtype, device=qkv.device) if need_qkv else None
             grad_mask = torch.zeros(mask.shape, dtype=ct, device=mask.device) if need_mask else None
-            step = min(B, max(1, PeripheralSdpaCpu.chunk_bytes // (H * N * N * torch.finfo(ct).bits // 8)))
-            # per-chunk operands, copied once into contiguous (b * H, N, D) buffers: the batched matmuls would copy
-            # strided slices on every call
-            qs, kc, vc, do, gq, gk, gv = (torch.empty(step * H, N, D, dtype=ct, device=qkv.device) for _ in range(7))
+            # chunks of about chunk_bytes of attention: several whole samples, or row blocks of one sample, so the
+            # (rows, N) slices of the attention and its gradient stay in cache at every input size (the key and value
+            # gradients are summed over a sample's row blocks)
+            row_bytes = H * N * torch.finfo(ct).bits // 8
+            step = min(B, max(1, PeripheralSdpaCpu.chunk_bytes // (row_bytes * N)))
+            rows = N if step > 1 else min(N, max(1, PeripheralSdpaCpu.chunk_bytes // row_bytes))
+            dd = dict(dtype=ct, device=qkv.device)
+            # per-chunk operands, copied once into contiguous (b * H, rows, D) buffers: the batched matmuls would
+            # copy strided slices on every call
+            qs, do, gq = (torch.empty(step * H, rows, D, **dd) for _ in range(3))
+            kc, vc, gk, gv = (torch.empty(step * H, N, D, **dd) for _ in range(4))
             for b0 in range(0, B, step):
                 b = slice(b0, b0 + step)
                 n = min(step, B - b0) * H
                 qkv_b = qkv[b].permute(2, 0, 3, 1, 4)  # (3, b, H, N, D) view
-                for buf, src in ((qs, qkv_b[0]), (kc, qkv_b[1]), (vc, qkv_b[2]), (do, grad_out[b])):
-                    buf[:n].view(-1, H, N, D).copy_(src)
-                qs[:n].mul_(scale)
-                # the softmax, rebuilt from the saved log-sum-exp
-                attn = torch.bmm(qs[:n], kc[:n].transpose(1, 2)).view(-1, H, N, N)
-                attn = attn.add_(mask_c).sub_(lse[b]).exp_().view(n, N, N)
-                # dS = P * (dO v^T - rowsum(dO * O)), in place on dO v^T
-                grad_s = torch.bmm(do[:n], vc[:n].transpose(1, 2)).view(-1, H, N, N).sub_(delta[b])
-                grad_s = grad_s.view(n, N, N).mul_(attn)
-                if grad_mask is not None:
-                    grad_mask.add_(grad_s.view(-1, H, N, N).sum_to_size(mask.shape))
+                kc[:n].view(-1, H, N, D).copy_(qkv_b[1])
+                vc[:n].view(-1, H, N, D).copy_(qkv_b[2])
+                for r0 in range(0, N, rows):
+                    r = slice(r0, r0 + rows)
+                    m = min(rows, N - r0)
+                    q_r, do_r = qs[:n, :m], do[:n, :m]
+                    q_r.view(-1, H, m, D).copy_(qkv_b[0][:, :, r]).mul_(scale)
+                    do_r.view(-1, H, m, D).copy_(grad_out[b, :, r])
+                    # the softmax of these rows, rebuilt from the saved log-sum-exp
+                    attn = torch.bmm(q_r, kc[:n].transpose(1, 2)).view(-1, H, m, N)
+                    attn = attn.add_(mask_c[:, :, r]).sub_(lse[b, :, r]).exp_().view(n, m, N)
+                    # dS = P * (dO v^T - rowsum(dO * O)), in place on dO v^T
+                    grad_s = torch.bmm(do_r, vc[:n].transpose(1, 2)).view(-1, H, m, N).sub_(delta[b, :, r])
+                    grad_s = grad_s.view(n, m, N).mul_(attn)
+                    if grad_mask is not None:
+                        grad_mask[:, :, r].add_(grad_s.view(-1, H, m, N).sum_to_size(1, H, m, N))
+                    if grad_qkv is not None:
+                        beta = 0. if r0 == 0 else 1.  # the first row block writes, the others add
+                        gv[:n].baddbmm_(attn.transpose(1, 2), do_r, beta=beta)
+                        gk[:n].baddbmm_(grad_s.transpose(1, 2), q_r, beta=beta)
+                        torch.bmm(grad_s, kc[:n], out=gq[:n, :m]).mul_(scale)
+                        grad_qkv[b, r, 0].copy_(gq[:n, :m].view(-1, H, m, D).transpose(1, 2))
+                    del attn, grad_s
                 if grad_qkv is not None:
-                    torch.bmm(attn.transpose(1, 2), do[:n], out=gv[:n])
-                    torch.bmm(grad_s, kc[:n], out=gq[:n]).mul_(scale)
-                    torch.bmm(grad_s.transpose(1, 2), qs[:n], out=gk[:n])
                     grad_b = grad_qkv[b].permute(2, 0, 3, 1, 4)
-                    for i, buf in enumerate((gq, gk, gv)):
-                        grad_b[i].copy_(buf[:n].view(-1, H, N, D))
-                del attn, grad_s
+                    grad_b[1].copy_(gk[:n].view(-1, H, N, D))
+                    grad_b[2].copy_(gv[:n].view(-1, H, N, D))
         return grad_qkv, grad_mask.to(mask.dtype) if grad_mask is not None else None, None
 
 

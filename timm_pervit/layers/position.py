@@ -61,7 +61,8 @@ def _distance(dy: torch.Tensor, dx: torch.Tensor) -> torch.Tensor:
     return torch.sqrt(dy * dy + dx * dx)
 
 
-def token_distances(h: int, w: int, key_pad: int = 0, device=None, dtype=None) -> torch.Tensor:
+def token_distances(h: int, w: int, key_pad: int = 0, device: Optional[torch.device] = None,
+                    dtype: Optional[torch.dtype] = None) -> torch.Tensor:
     """Euclidean distance from every token of an h x w grid to every key of the grid extended by ``key_pad``
     positions on each side, in the model's normalized coordinates (token centres on ``linspace(-1, 1, n)`` per axis,
     so an image side has length 2), (h*w, h+2p, w+2p), queries in row-major order.
