@@ -22,7 +22,7 @@ from tests.conftest import FIXTURES
 from tests.conftest import PicklePayload
 
 
-def test_to_official_inverts_convert_official():
+def test_timm_to_official_inverts_official_to_timm():
     official = load_file(os.path.join(FIXTURES, 'micro_official_state_dict.safetensors'))
     back = timm_to_official(official_to_timm(official))
     assert back.keys() == official.keys()
