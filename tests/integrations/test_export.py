@@ -177,24 +177,3 @@ def test_torch_export_of_a_floor_divided_token_grid():
     x = torch.randn(3, 3, 33, 47)
     with torch.no_grad():
         torch.testing.assert_close(module(x), model(x))
-
-
-def test_distances_equal_linspace_coordinates():
-    """The shape-generic distances are the distances between ``linspace(-1, 1, n)`` coordinates (extended by two
-    steps on each side for the keys), up to float rounding, and exactly zero at the query's own position."""
-    pos = make_micro(dtype=torch.float64).pos_attn
-    for h, w in [(2, 2), (14, 14), (10, 16), (5, 31)]:
-        axes_q, axes_k = [], []
-        for n in (h, w):
-            step = 2. / (n - 1)
-            axes_q.append(torch.linspace(-1., 1., n, dtype=torch.float64))
-            axes_k.append(torch.linspace(-1. - 2 * step, 1. + 2 * step, n + 4, dtype=torch.float64))
-        qy, qx = torch.meshgrid(*axes_q, indexing='ij')
-        ky, kx = torch.meshgrid(*axes_k, indexing='ij')
-        dy = qy.reshape(-1, 1, 1) - ky
-        dx = qx.reshape(-1, 1, 1) - kx
-        expected = torch.sqrt(dy * dy + dx * dx).unsqueeze(1)
-        dist = pos.distances(h, w)
-        torch.testing.assert_close(dist, expected, rtol=0, atol=1e-12)
-        inner = dist[:, 0, 2:-2, 2:-2].reshape(h * w, h * w)
-        assert torch.all(inner.diagonal() == 0)
